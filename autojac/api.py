@@ -1,0 +1,98 @@
+"""The public operations: check the inputs, get a plan, run it."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import config
+from .models import Plan
+from .planner import default_planner
+from .problem import BatchedFn, Problem, check_f, check_output, check_v, check_x
+from .signature import signature
+from .strategies import registry
+
+
+def jacobian(f: BatchedFn, x: Tensor, *, strategy: str = "auto", create_graph: bool = False,
+             batch_independent: bool | None = None, tune: bool | None = None) -> Tensor:
+    """Per-sample Jacobian of f at each sample of x.
+
+    Args:
+        f: maps x of shape (B, *in) to a tensor of shape (B, *out); sample b's output may
+            depend on other samples only if `batch_independent` is not True.
+        x: (B, *in), floating point.
+        strategy: "auto" (measure once, then reuse the fastest) or a strategy name, e.g.
+            "sum_rev" or "sum_rev[chunk=16]", used as is after checking it suits f.
+        create_graph: make the result differentiable w.r.t. x and f's parameters.
+        batch_independent: None probes f; True/False asserts it.
+        tune: None follows AUTOJAC_TUNE (default on); False never benchmarks.
+
+    Returns:
+        (B, *out, *in): J[b] = d f(x)[b] / d x[b]; for f returning (B,), (B, *in).
+    """
+    return _compute("jacobian", f, x, None, strategy, create_graph, batch_independent, tune)
+
+
+def explain(f: BatchedFn, x: Tensor, op: str = "jacobian", *, v: Tensor | None = None,
+            create_graph: bool = False, batch_independent: bool | None = None,
+            tune: bool | None = None) -> Plan:
+    """The plan that `op` uses for f at a batch shaped like x, making it if needed."""
+    problem, sig = _prepare(op, f, x, v, "auto", create_graph, batch_independent, tune)
+    planner = default_planner()
+    plan = planner.cached(sig)
+    tuning = config.tuning_enabled(tune)
+    if plan is None or (tuning and not plan.tuned):
+        plan, _ = planner.plan(sig, problem, tune=tuning)
+    return plan
+
+
+def _compute(op: str, f: BatchedFn, x: Tensor, v: Tensor | None, strategy: str, create_graph: bool,
+             batch_independent: bool | None, tune: bool | None) -> Tensor:
+    problem, sig = _prepare(op, f, x, v, strategy, create_graph, batch_independent, tune)
+    if x.numel() == 0:
+        return _empty(problem)
+    planner = default_planner()
+    if strategy != "auto":
+        chosen, chunk = planner.forced(sig, problem, strategy)
+        return chosen(problem, chunk)
+    plan = planner.cached(sig)
+    if plan is None or (not plan.tuned and config.tuning_enabled(tune)):
+        plan, result = planner.plan(sig, problem, tune=config.tuning_enabled(tune))
+        if result is not None:
+            return result
+    return registry.get(plan.strategy, op)(problem, plan.chunk)
+
+
+def _prepare(op: str, f: BatchedFn, x: Tensor, v: Tensor | None, strategy: str, create_graph: bool,
+             batch_independent: bool | None, tune: bool | None):
+    check_f(f)
+    check_x(x)
+    if op == "hvp":
+        check_v(v, x)
+    _check_options(strategy, create_graph, batch_independent, tune)
+    problem = Problem(op, f, x, v, create_graph)
+    return problem, signature(op, f, x, create_graph=create_graph, batch_independent=batch_independent)
+
+
+def _check_options(strategy: object, create_graph: object, batch_independent: object, tune: object) -> None:
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy must be a string ('auto' or a strategy name); got {type(strategy).__name__}")
+    if not isinstance(create_graph, bool):
+        raise TypeError(f"create_graph must be True or False; got {create_graph!r}")
+    for name, value in (("batch_independent", batch_independent), ("tune", tune)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be None, True or False; got {value!r}")
+
+
+def _empty(problem: Problem) -> Tensor:
+    """An empty batch or per-sample input: nothing to differentiate, only shapes to get right."""
+    x = problem.x
+    out_shape = check_output(problem.f(x.detach()), x)
+    return x.new_zeros(result_shape(problem.op, x.shape[0], out_shape, problem.in_shape))
+
+
+def result_shape(op: str, batch: int, out_shape: tuple[int, ...], in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of `op`'s result: (B, *out, *in) for jacobian, hvp and hessian_diag; (B, *out, *in, *in)
+    for hessian; (B, *out) for laplacian."""
+    tails = {"jacobian": in_shape, "hvp": in_shape, "hessian_diag": in_shape,
+             "hessian": in_shape + in_shape, "laplacian": ()}
+    return (batch, *out_shape, *tails[op])

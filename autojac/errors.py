@@ -1,0 +1,24 @@
+"""Exceptions that autojac raises on purpose (bad input raises plain TypeError/ValueError)."""
+
+from __future__ import annotations
+
+
+class AutojacError(RuntimeError):
+    """Base class of autojac's own failures."""
+
+
+class NoCandidateError(AutojacError):
+    """Every candidate strategy failed or was ruled out; the message lists each reason."""
+
+    def __init__(self, what: str, reasons: dict[str, str]):
+        self.reasons = dict(reasons)
+        lines = "\n".join(f"  {name}: {why}" for name, why in reasons.items()) or "  (none)"
+        super().__init__(f"no strategy could compute the {what}; the candidates and why each failed:\n{lines}")
+
+
+class NonDeterministicError(ValueError):
+    """f gave different outputs on two calls with the same input."""
+
+
+class PlanRequiredError(AutojacError):
+    """AUTOJAC_REQUIRE_PLAN=1 and no stored plan matches the call."""

@@ -1,0 +1,119 @@
+"""Pydantic models for plans: what was chosen for one problem signature, and why.
+
+A plan is data. Its strategy name is looked up in the registry before use; nothing
+in a plan is ever executed or unpickled.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pydantic import BaseModel, ConfigDict, Field
+
+OPS = ("jacobian", "hessian", "hvp", "hessian_diag", "laplacian")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Timing(BaseModel):
+    """How long one candidate took, over the repeats that were measured."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    median: float = Field(ge=0, description="Median seconds per call.")
+    p20: float = Field(ge=0, description="20th percentile of seconds per call.")
+    p80: float = Field(ge=0, description="80th percentile of seconds per call.")
+    repeats: int = Field(ge=1, description="How many timed calls the figures are taken over.")
+
+
+class Plan(BaseModel):
+    """The chosen strategy for one problem signature, with the evidence for the choice."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str = Field(description="Hash of the signature; the cache key.")
+    op: str = Field(description="Operation: jacobian, hessian, hvp, hessian_diag or laplacian.")
+    strategy: str = Field(description="Registry name of the winning strategy.")
+    chunk: int | None = Field(
+        default=None, ge=1, description="Basis vectors per vectorized pass; None is all at once."
+    )
+    timings: dict[str, float] = Field(
+        default_factory=dict, description="Candidate label -> median seconds, for every candidate timed."
+    )
+    spread: dict[str, Timing] = Field(
+        default_factory=dict, description="Candidate label -> median, p20, p80 and repeat count."
+    )
+    excluded: dict[str, str] = Field(
+        default_factory=dict, description="Candidate label -> why it was not chosen or not timed."
+    )
+    memory: dict[str, int] = Field(
+        default_factory=dict, description="Candidate label -> estimated peak bytes."
+    )
+    tuned: bool = Field(description="True when chosen by measurement, False when by the heuristic.")
+    batch_independent: bool = Field(description="Whether sample b's output depends only on x[b].")
+    vmap_ok: bool = Field(description="Whether f runs under torch.func.vmap on single samples.")
+    deterministic: bool = Field(description="Whether two calls of f on the same x agreed.")
+    batch_size: int = Field(ge=0, description="B, the size of the first dimension of x.")
+    in_shape: tuple[int, ...] = Field(description="Per-sample input shape, x.shape[1:].")
+    out_shape: tuple[int, ...] = Field(description="Per-sample output shape, f(x).shape[1:].")
+    dtype: str = Field(description="dtype of x, e.g. 'float32'.")
+    device: str = Field(description="Device type of x: 'cpu', 'cuda', ...")
+    device_name: str = Field(description="Model name of the device, e.g. the GPU's or the CPU's.")
+    create_graph: bool = Field(default=False, description="Whether results are differentiable.")
+    fn_name: str = Field(description="Readable name of f (its qualified name or class).")
+    fingerprint: str = Field(description="Hash of f's code and structure (not its weights).")
+    torch_version: str = Field(description="torch.__version__ that made the plan.")
+    autojac_version: str = Field(description="autojac.__version__ that made the plan.")
+    threads: int = Field(ge=1, description="torch.get_num_threads() when the plan was made.")
+    tuning_seconds: float = Field(ge=0, description="Wall time spent probing and tuning.")
+    created: datetime = Field(default_factory=_now, description="When the plan was made (UTC).")
+
+    @property
+    def label(self) -> str:
+        """The winner's candidate label, as used in `timings` and `excluded`."""
+        return candidate_label(self.strategy, self.chunk)
+
+    def summary(self, width: int = 160) -> str:
+        """A few readable lines: what won, how fast, what else was tried and why not."""
+        how = "tuned" if self.tuned else "heuristic"
+        shape = f"B={self.batch_size} in={self.in_shape} out={self.out_shape}"
+        lines = [f"{self.op} of {self.fn_name} [{shape} {self.dtype} {self.device}]: "
+                 f"{self.label} ({how})"]
+        best = self.timings.get(self.label)
+        for label, seconds in sorted(self.timings.items(), key=lambda kv: kv[1]):
+            ratio = f"  x{seconds / best:.2f}" if best else ""
+            lines.append(f"  {label:<28} {seconds * 1e3:10.3f} ms{ratio}")
+        # One line per reason: chunked variants and whole families often share one.
+        grouped: dict[str, dict[str, list[int]]] = {}
+        for label, why in self.excluded.items():
+            name, chunk = parse_label(label)
+            chunks = grouped.setdefault(why, {}).setdefault(name, [])
+            if chunk is not None:
+                chunks.append(chunk)
+        for why, strategies in grouped.items():
+            names = ", ".join(name + (f" (+chunk {', '.join(map(str, c))})" if c else "")
+                              for name, c in strategies.items())
+            text = why if len(why) <= width else why[: width - 3] + "..."
+            lines.append(f"  excluded {names}: {text}")
+        return "\n".join(lines)
+
+
+def candidate_label(strategy: str, chunk: int | None) -> str:
+    """`sum_rev` or `sum_rev[chunk=16]`: how a candidate is named in plans."""
+    return strategy if chunk is None else f"{strategy}[chunk={chunk}]"
+
+
+def parse_label(label: str) -> tuple[str, int | None]:
+    """Inverse of `candidate_label`; raises ValueError on a malformed chunk."""
+    if not label.endswith("]") or "[chunk=" not in label:
+        return label, None
+    name, _, rest = label.partition("[chunk=")
+    text = rest[:-1]
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(
+            f"strategy {label!r} has a bad chunk {text!r}; expected a positive integer, "
+            f"e.g. '{name}[chunk=16]'"
+        )
+    return name, int(text)

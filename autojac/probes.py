@@ -1,0 +1,117 @@
+"""What autojac learns about f by running it, once per signature.
+
+- output: f(x) must be one floating tensor of shape (B, *out); the per-sample out shape.
+- batch independence: a vector-Jacobian product seeded on one sample must be exactly zero on
+  every other sample (checked for the first and the last sample, with random seeds so that
+  no structure of f, such as a softmax over the batch, can cancel it). B == 1 is independent.
+- determinism: two calls of f on the same x agree within the dtype's tolerance.
+- vmap: f runs under torch.func.vmap on single samples and agrees with the batched call.
+- activations: bytes f saves for backward over the whole batch, for memory estimates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from .numerics import agree
+from .problem import BatchedFn, check_output
+from .strategies.basis import one_sample
+
+
+@dataclass(frozen=True)
+class Probes:
+    out_shape: tuple[int, ...]
+    batch_independent: bool
+    vmap_ok: bool
+    deterministic: bool
+    activations: int  # bytes saved for backward by one forward of the whole batch
+    coupling: str = ""  # why f is not batch-independent, when it is not
+    vmap_error: str = ""  # why vmap failed, when it did
+    nondeterminism: str = ""  # how two calls differed, when they did
+
+
+def run_probes(f: BatchedFn, x: Tensor, batch_independent: bool | None = None) -> Probes:
+    """Run f a few times on x and report what it is; see the module docstring."""
+    x = x.detach()
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        saved = _SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            y = f(xg)
+        out_shape = check_output(y, x)
+        coupling = ""
+        if batch_independent is None:
+            coupling = _coupling(y, xg)
+            independent = not coupling
+        else:
+            independent = batch_independent
+    with torch.no_grad():
+        again = f(x)
+    same, diff, allowed = agree(again, y.detach())
+    nondeterminism = "" if same else f"two calls on the same x differ by up to {diff:.3g} (allowed {allowed:.3g})"
+    vmap_error = _vmap_error(f, x, y.detach())
+    return Probes(
+        out_shape=out_shape, batch_independent=independent, vmap_ok=not vmap_error,
+        deterministic=same, activations=saved.total, coupling=coupling, vmap_error=vmap_error,
+        nondeterminism=nondeterminism,
+    )
+
+
+class _SavedBytes:
+    """Counts distinct tensors that autograd saves, skipping parameters (they exist anyway)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._seen: set[tuple[int, int]] = set()
+
+    def pack(self, tensor: Tensor) -> Tensor:
+        if not (tensor.is_leaf and tensor.requires_grad):
+            try:
+                key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+            except (RuntimeError, NotImplementedError):  # storage-less tensors
+                key = (id(tensor), tensor.numel() * tensor.element_size())
+            if key not in self._seen:
+                self._seen.add(key)
+                self.total += key[1]
+        return tensor
+
+
+def _coupling(y: Tensor, xg: Tensor) -> str:
+    """Empty if each sample's output depends on its own input only, else why not."""
+    batch = xg.shape[0]
+    if batch == 1 or not y.requires_grad:
+        return ""
+    generator = torch.Generator(device=y.device).manual_seed(0)
+    # Seed samples whose inputs are finite: 0 * NaN on another sample is NaN, not coupling.
+    finite = xg.detach().reshape(batch, -1).isfinite().all(dim=1).nonzero().flatten().tolist()
+    seeded = (finite[0], finite[-1]) if finite else (0, batch - 1)
+    for sample in dict.fromkeys(seeded):
+        seed = torch.zeros_like(y)
+        seed[sample] = torch.randn(y.shape[1:], generator=generator, dtype=y.dtype, device=y.device)
+        (grad,) = torch.autograd.grad(y, xg, seed, retain_graph=True, allow_unused=True)
+        if grad is None:
+            return ""
+        grad = grad.reshape(batch, -1)
+        touched = (grad.ne(0) & grad.isfinite()).any(dim=1)
+        touched[sample] = False
+        if bool(touched.any()):
+            others = touched.nonzero().flatten().tolist()
+            shown = ", ".join(map(str, others[:5])) + (", ..." if len(others) > 5 else "")
+            return (f"a vector-Jacobian product seeded on sample {sample} is nonzero on "
+                    f"sample(s) {shown}: outputs depend on other samples' inputs")
+    return ""
+
+
+def _vmap_error(f: BatchedFn, x: Tensor, y: Tensor) -> str:
+    """Empty if vmap over single samples works and agrees with f, else the reason."""
+    try:
+        with torch.no_grad():
+            single = vmap(one_sample(f))(x[:1])
+    except Exception as error:  # any failure means "do not use vmap": the reason is reported
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    same, diff, _ = agree(single, y[:1])
+    return "" if same else f"vmap over single samples differs from the batched call by {diff:.3g}"

@@ -1,0 +1,124 @@
+"""What a strategy is asked to compute, and the input checks every operation shares."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BatchedFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One call: `f` maps `x` of shape (B, *in) to (B, *out); `v` (hvp only) has x's shape."""
+
+    op: str
+    f: BatchedFn
+    x: Tensor
+    v: Tensor | None = None
+    create_graph: bool = False
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def n(self) -> int:
+        """Number of input elements per sample."""
+        return math.prod(self.x.shape[1:])
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The figures a strategy's memory estimate is made from."""
+
+    batch: int
+    n: int  # input elements per sample
+    m: int  # output elements per sample
+    itemsize: int  # bytes per element of x's dtype
+    activations: int  # bytes f saves for backward over the whole batch (measured once)
+
+    def tensor(self, *dims: int) -> int:
+        """Bytes of a tensor with these dimensions in x's dtype."""
+        return math.prod(dims) * self.itemsize
+
+
+def check_f(f: object) -> None:
+    if not callable(f):
+        raise TypeError(
+            f"f must be callable (a function or nn.Module mapping x of shape (B, *in) to (B, *out)); "
+            f"got {type(f).__name__}"
+        )
+
+
+def check_x(x: object, name: str = "x") -> None:
+    """Refuse what has no per-sample derivative: non-tensors, 0-d, integer or complex dtypes."""
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (B, *in); got {type(x).__name__}. "
+            f"Convert it with torch.as_tensor({name}, dtype=torch.float32)"
+        )
+    if x.dim() == 0:
+        raise ValueError(
+            f"{name} is 0-d (shape ()); autojac needs a batch dimension: shape (B, *in). "
+            f"For a single sample use {name}.reshape(1, 1)"
+        )
+    if not x.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; derivatives need a real floating dtype "
+            f"(float16, bfloat16, float32 or float64). Convert it with {name}.float()"
+        )
+
+
+def check_v(v: object, x: Tensor) -> None:
+    """The direction of a Hessian-vector product must match x exactly."""
+    check_x(v, "v")
+    assert isinstance(v, Tensor)
+    if v.shape != x.shape:
+        raise ValueError(
+            f"v has shape {tuple(v.shape)} but x has shape {tuple(x.shape)}; "
+            f"v is one direction per sample and must have x's shape"
+        )
+    if v.dtype != x.dtype or v.device != x.device:
+        raise ValueError(
+            f"v is {v.dtype} on {v.device} but x is {x.dtype} on {x.device}; "
+            f"move v with v.to(x)"
+        )
+
+
+def check_output(y: object, x: Tensor) -> tuple[int, ...]:
+    """Check f's output for a batch x and return the per-sample output shape."""
+    batch = x.shape[0]
+    if not isinstance(y, Tensor):
+        raise TypeError(
+            f"f must return one tensor of shape (B, *out); it returned {type(y).__name__}. "
+            f"Wrap it to return a single tensor, e.g. lambda x: f(x)[0]"
+        )
+    if y.dim() == 0:
+        raise ValueError(
+            f"f returned a 0-d tensor for a batch of {batch}; the first dimension must be "
+            f"the batch size {batch} (return shape ({batch},) for one scalar per sample)"
+        )
+    if y.shape[0] != batch:
+        raise ValueError(
+            f"f returned shape {tuple(y.shape)} for a batch of {batch}; "
+            f"the first dimension must be the batch size {batch}"
+        )
+    if not y.dtype.is_floating_point:
+        raise TypeError(
+            f"f returned dtype {y.dtype}; derivatives need a real floating output"
+        )
+    if y.device != x.device:
+        raise ValueError(
+            f"f returned a tensor on {y.device} for x on {x.device}; "
+            f"the output must be on x's device"
+        )
+    return tuple(y.shape[1:])

@@ -1,0 +1,171 @@
+"""First-order strategies: the per-sample Jacobian (B, *out, *in).
+
+Sizes: B samples, n input and m output elements per sample; A is the bytes f saves for
+backward over the whole batch, c the basis vectors handled per vectorized pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from ..problem import Problem, Sizes
+from .basis import batch_first, grad_input, jvp_basis, one_hot_rows, one_sample, spans, vjp_basis
+from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register
+
+JACOBIAN = frozenset({"jacobian"})
+
+
+def _sum_rev(p: Problem, chunk: int | None) -> Tensor:
+    # Batch-independent f: the gradient of the batch-summed output w.r.t. x[b] is sample b's.
+    jac = vjp_basis(lambda x: p.f(x).sum(0), p.x, chunk)  # (*out, B, *in)
+    return batch_first(jac, jac.dim() - p.x.dim())
+
+
+def _sum_grad(p: Problem, chunk: int | None) -> Tensor:
+    # sum_rev with plain autograd: less per-call overhead than torch.func on small problems.
+    with torch.enable_grad():
+        x = grad_input(p)
+        y = p.f(x)
+        summed = y.sum(0)
+        if not y.requires_grad or summed.numel() == 0:
+            return x.new_zeros(*y.shape, *x.shape[1:])
+        pieces = []
+        for start, stop in spans(summed.numel(), chunk):
+            seeds = one_hot_rows(start, stop, tuple(summed.shape), summed)
+            (rows,) = torch.autograd.grad(summed, x, seeds, retain_graph=True, create_graph=p.create_graph,
+                                          is_grads_batched=True, materialize_grads=True)
+            pieces.append(rows)  # (k, B, *in)
+    jac = torch.cat(pieces).view(*summed.shape, *x.shape)
+    return batch_first(jac, summed.dim())
+
+
+def _sum_fwd(p: Problem, chunk: int | None) -> Tensor:
+    # One tangent per input coordinate, the same for every sample: column of every J[b] at once.
+    return jvp_basis(p.f, p.x, chunk, tangent_shape=p.in_shape)
+
+
+def _vmap_rev(p: Problem, chunk: int | None) -> Tensor:
+    f_one = one_sample(p.f)
+    return vmap(lambda xi: vjp_basis(f_one, xi, chunk))(p.x)
+
+
+def _vmap_fwd(p: Problem, chunk: int | None) -> Tensor:
+    f_one = one_sample(p.f)
+    return vmap(lambda xi: jvp_basis(f_one, xi, chunk))(p.x)
+
+
+def _loop_rev(p: Problem, chunk: int | None) -> Tensor:
+    # No vmap anywhere: one autograd.grad per output coordinate of the batch-summed output.
+    with torch.enable_grad():
+        x = grad_input(p)
+        y = p.f(x)
+        out_shape = tuple(y.shape[1:])
+        outputs = y.sum(0).reshape(-1)
+        if not y.requires_grad:
+            return x.new_zeros(*y.shape, *x.shape[1:])
+        last = outputs.numel() - 1
+        rows = (
+            torch.autograd.grad(outputs[i], x, retain_graph=p.create_graph or i < last,
+                                create_graph=p.create_graph, materialize_grads=True)[0]
+            for i in range(outputs.numel())
+        )
+        if p.create_graph:
+            jac = torch.stack(list(rows))
+        else:
+            jac = x.new_empty(outputs.numel(), *x.shape)
+            for i, row in enumerate(rows):
+                jac[i] = row
+    return batch_first(jac.view(*out_shape, *x.shape), len(out_shape))
+
+
+def _full_diag(p: Problem, chunk: int | None) -> Tensor:
+    # Rows of the whole-batch Jacobian, `chunk` at a time, keeping only each row's own sample:
+    # exact for batch-coupled f, and never builds the (B*m, B*m) identity.
+    with torch.enable_grad():
+        x = grad_input(p)
+        y = p.f(x)
+        batch, out_shape = y.shape[0], tuple(y.shape[1:])
+        flat = y.reshape(-1)
+        per_sample = flat.numel() // batch
+        if not y.requires_grad or per_sample == 0:
+            return x.new_zeros(*y.shape, *x.shape[1:])
+        pieces = []
+        for start, stop in spans(flat.numel(), chunk):
+            seeds = one_hot_rows(start, stop, tuple(flat.shape), flat)
+            if stop - start == 1:
+                grads = torch.autograd.grad(flat, x, seeds[0], retain_graph=True,
+                                            create_graph=p.create_graph, materialize_grads=True)[0][None]
+            else:
+                grads = torch.autograd.grad(flat, x, seeds, retain_graph=True, create_graph=p.create_graph,
+                                            is_grads_batched=True, materialize_grads=True)[0]
+            rows = torch.arange(start, stop, device=x.device)
+            pieces.append(grads[rows - start, rows // per_sample])  # (k, *in)
+    return torch.cat(pieces).view(batch, *out_shape, *x.shape[1:])
+
+
+def _reverse_memory(s: Sizes, chunk: int | None) -> int:
+    c = chunk or s.m
+    return s.activations * (1 + c) + s.tensor(c, s.batch, s.n) + s.tensor(c, s.m) + s.tensor(s.batch, s.m, s.n)
+
+
+def _forward_memory(s: Sizes, chunk: int | None) -> int:
+    c = chunk or s.n
+    return s.activations * (1 + c) + s.tensor(c, s.n) + s.tensor(s.batch, s.m, s.n)
+
+
+def _loop_memory(s: Sizes, chunk: int | None) -> int:
+    return 2 * s.activations + s.tensor(2, s.batch, s.n) + s.tensor(s.batch, s.m, s.n)
+
+
+def _full_diag_memory(s: Sizes, chunk: int | None) -> int:
+    c = chunk or s.batch * s.m
+    per_row = s.activations + s.tensor(s.batch, s.n) + s.tensor(s.batch, s.m)
+    return s.activations + c * per_row + 2 * s.tensor(s.batch, s.m, s.n)
+
+
+def _out_basis(s: Sizes) -> int:
+    return s.m
+
+
+def _in_basis(s: Sizes) -> int:
+    return s.n
+
+
+register(Strategy(
+    name="sum_rev", ops=JACOBIAN, run=_sum_rev, memory=_reverse_memory, basis=_out_basis,
+    needs=frozenset({BATCH_INDEPENDENT}),
+    summary="reverse mode on the batch-summed output: m vector-Jacobian products over the batch",
+))
+register(Strategy(
+    name="sum_grad", ops=JACOBIAN, run=_sum_grad, memory=_reverse_memory, basis=_out_basis,
+    needs=frozenset({BATCH_INDEPENDENT}),
+    summary="sum_rev with torch.autograd.grad(is_grads_batched=True) instead of torch.func",
+))
+register(Strategy(
+    name="sum_fwd", ops=JACOBIAN, run=_sum_fwd, memory=_forward_memory, basis=_in_basis,
+    needs=frozenset({BATCH_INDEPENDENT}),
+    summary="forward mode with each input basis vector broadcast over the batch: n JVPs",
+))
+register(Strategy(
+    name="vmap_rev", ops=JACOBIAN, run=_vmap_rev, memory=_reverse_memory, basis=_out_basis,
+    needs=frozenset({BATCH_INDEPENDENT, VMAP}),
+    summary="vmap over samples of reverse mode on one sample (vmap(jacrev(f)))",
+))
+register(Strategy(
+    name="vmap_fwd", ops=JACOBIAN, run=_vmap_fwd, memory=_forward_memory, basis=_in_basis,
+    needs=frozenset({BATCH_INDEPENDENT, VMAP}),
+    summary="vmap over samples of forward mode on one sample (vmap(jacfwd(f)))",
+))
+register(Strategy(
+    name="loop_rev", ops=JACOBIAN, run=_loop_rev, memory=_loop_memory,
+    needs=frozenset({BATCH_INDEPENDENT}),
+    summary="one autograd.grad per output coordinate of the batch-summed output; no vmap",
+))
+register(Strategy(
+    name="full_diag", ops=JACOBIAN, run=_full_diag, memory=_full_diag_memory,
+    basis=lambda s: s.batch * s.m, chunks=(None, 64, 16, 1), coupled_only=True,
+    summary="rows of the whole-batch Jacobian, keeping each sample's diagonal block; "
+            "exact for batch-coupled f",
+))

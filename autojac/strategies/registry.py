@@ -1,0 +1,120 @@
+"""The one registry of strategies. Adding a strategy is one function and one `register` call.
+
+A strategy computes one or more operations for a `Problem`. It declares what it needs from
+`f` (batch independence, vmap support), estimates its peak memory from `Sizes`, and, when it
+vectorizes over a basis, how long that basis is, so that the planner can offer it chunked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..problem import Problem, Sizes
+
+BATCH_INDEPENDENT = "batch_independent"
+VMAP = "vmap"
+NEEDS = frozenset({BATCH_INDEPENDENT, VMAP})
+
+# Chunk sizes offered for strategies that vectorize over a basis, in preference order
+# (None = the whole basis at once). A chunk at least as long as the basis is left out.
+CHUNKS: tuple[int | None, ...] = (None, 64, 16)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way to compute derivatives; see the module docstring."""
+
+    name: str  # stable: stored in plan caches
+    ops: frozenset[str]
+    run: Callable[[Problem, int | None], Tensor]  # (problem, chunk) -> result
+    memory: Callable[[Sizes, int | None], int]  # (sizes, chunk) -> estimated peak bytes
+    needs: frozenset[str] = frozenset()
+    basis: Callable[[Sizes], int] | None = None  # length of the basis a chunk splits
+    chunks: tuple[int | None, ...] = CHUNKS
+    # Used only when no strategy needing batch independence applies (it does B times the work).
+    coupled_only: bool = False
+    differentiable: bool = True  # can return a result with create_graph=True
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.needs) - NEEDS
+        if unknown:
+            raise ValueError(f"strategy {self.name!r} needs unknown {sorted(unknown)}; known: {sorted(NEEDS)}")
+
+    def chunk_options(self, sizes: Sizes) -> tuple[int | None, ...]:
+        """The chunk sizes worth trying for these sizes, in preference order."""
+        if self.basis is None:
+            return (None,)
+        length = self.basis(sizes)
+        return tuple(c for c in self.chunks if c is None or c < length)
+
+    def __call__(self, problem: Problem, chunk: int | None = None) -> Tensor:
+        """Run the strategy: the result is detached unless problem.create_graph."""
+        grad_mode = contextlib.nullcontext() if problem.create_graph else torch.no_grad()
+        with grad_mode:
+            result = self.run(problem, chunk)
+        return result if problem.create_graph else result.detach()
+
+
+_REGISTRY: dict[str, Strategy] = {}
+
+
+def register(strategy: Strategy) -> Strategy:
+    """Add a strategy; a name can be registered once."""
+    if strategy.name in _REGISTRY:
+        raise ValueError(f"strategy {strategy.name!r} is already registered")
+    _REGISTRY[strategy.name] = strategy
+    return strategy
+
+
+def get(name: str, op: str | None = None) -> Strategy:
+    """The strategy called `name` (serving `op` if given); unknown names list the known ones."""
+    strategy = _REGISTRY.get(name)
+    if strategy is None or (op is not None and op not in strategy.ops):
+        known = ", ".join(names(op))
+        what = f" for {op}" if op else ""
+        raise ValueError(f"unknown strategy {name!r}{what}; known: {known}")
+    return strategy
+
+
+def names(op: str | None = None) -> list[str]:
+    """Registered names, sorted; only those serving `op` if given."""
+    return sorted(s.name for s in _REGISTRY.values() if op is None or op in s.ops)
+
+
+def for_op(op: str) -> list[Strategy]:
+    """Strategies serving `op`, in registration order (the heuristic reorders them)."""
+    return [s for s in _REGISTRY.values() if op in s.ops]
+
+
+def all_strategies() -> Iterable[Strategy]:
+    return tuple(_REGISTRY.values())
+
+
+@dataclass
+class _Unregister:
+    """Context manager for tests: register strategies, remove them on exit."""
+
+    added: list[str] = field(default_factory=list)
+
+    def __enter__(self) -> _Unregister:
+        return self
+
+    def add(self, strategy: Strategy) -> Strategy:
+        register(strategy)
+        self.added.append(strategy.name)
+        return strategy
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self.added:
+            _REGISTRY.pop(name, None)
+
+
+def temporary() -> _Unregister:
+    """`with temporary() as reg: reg.add(Strategy(...))`: strategies that vanish afterwards."""
+    return _Unregister()

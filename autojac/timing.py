@@ -1,0 +1,125 @@
+"""The micro-benchmark harness: a clock that synchronizes the device, timed calls, statistics.
+
+Tests inject a fake `Clock` to give candidates known costs without timing anything.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+from .models import Timing
+
+T = TypeVar("T")
+
+DEFAULT_BUDGET = 1.0  # seconds per plan, probes included; AUTOJAC_TUNE_BUDGET overrides
+
+
+class Clock:
+    """Wall clock; `sync` waits for queued device work so that a timing covers it."""
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+    def sync(self) -> None:
+        pass
+
+
+class CudaClock(Clock):
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
+def clock_for(device: torch.device) -> Clock:
+    return CudaClock(device) if device.type == "cuda" else Clock()
+
+
+def timed(clock: Clock, fn: Callable[[], T]) -> tuple[T, float]:
+    """Run fn once: (its result, seconds), the device synchronized on both sides."""
+    clock.sync()
+    start = clock.now()
+    result = fn()
+    clock.sync()
+    return result, clock.now() - start
+
+
+@dataclass
+class Samples:
+    """Seconds of the timed calls of one candidate."""
+
+    seconds: list[float] = field(default_factory=list)
+
+    def add(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def summary(self) -> Timing:
+        ordered = sorted(self.seconds)
+
+        def quantile(q: float) -> float:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+        return Timing(median=self.median, p20=quantile(0.2), p80=quantile(0.8), repeats=len(ordered))
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """How hard to tune. `budget` is wall seconds per plan, probes and warm-ups included."""
+
+    budget: float = DEFAULT_BUDGET
+    drop_factor: float = 3.0  # a candidate this many times slower than the best is dropped
+    tie_margin: float = 0.05  # medians within 5% of the fastest count as tied
+    chunk_margin: float = 1.5  # chunked variants are tried for strategies within 1.5x of the best
+    min_repeats: int = 5
+    max_repeats: int = 200
+
+    @classmethod
+    def from_env(cls) -> TuneSettings:
+        """Defaults, with the budget from AUTOJAC_TUNE_BUDGET if set."""
+        text = os.environ.get("AUTOJAC_TUNE_BUDGET", "").strip()
+        if not text:
+            return cls()
+        try:
+            budget = float(text)
+        except ValueError:
+            raise ValueError(
+                f"AUTOJAC_TUNE_BUDGET={text!r} is not a number; expected seconds per plan, e.g. 1.0"
+            ) from None
+        if not budget > 0:
+            raise ValueError(f"AUTOJAC_TUNE_BUDGET={text!r} must be positive (seconds per plan)")
+        return cls(budget=budget)
+
+
+def compare(fns: dict[str, Callable[[], object]], clock: Clock | None = None, *, min_time: float = 0.2,
+            max_repeats: int = 1000, warmup: int = 1) -> dict[str, Samples]:
+    """Time several functions side by side: warm-up, then interleaved rounds until each has run
+    for `min_time` seconds (or `max_repeats` times). Returns their samples, by name."""
+    clock = clock or Clock()
+    for fn in fns.values():
+        for _ in range(warmup):
+            timed(clock, fn)
+    samples = {name: Samples() for name in fns}
+    active = dict(fns)
+    while active:
+        for name, fn in list(active.items()):
+            _, seconds = timed(clock, fn)
+            samples[name].add(seconds)
+            if samples[name].total >= min_time or len(samples[name].seconds) >= max_repeats:
+                del active[name]
+    return samples

@@ -1,0 +1,81 @@
+"""Independent references and small models shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, **TOLERANCES[expected.dtype])
+
+
+def loop_jacobian(f, x: torch.Tensor) -> torch.Tensor:
+    """(B, *out, *in) by an explicit loop of torch.autograd.functional.jacobian over samples."""
+    rows = [torch.autograd.functional.jacobian(lambda xi: f(xi.unsqueeze(0)).squeeze(0), x[b].detach())
+            for b in range(x.shape[0])]
+    return torch.stack(rows)
+
+
+def diagonal_blocks(f, x: torch.Tensor) -> torch.Tensor:
+    """(B, *out, *in): the diagonal blocks of the whole-batch Jacobian (exact for coupled f)."""
+    full = torch.autograd.functional.jacobian(f, x.detach())  # (B, *out, B, *in)
+    batch, out_dims = x.shape[0], full.dim() - x.dim() - 1
+    return torch.stack([full.select(out_dims + 1, b)[b] for b in range(batch)])
+
+
+def mlp(n_in: int = 5, n_out: int = 3, width: int = 16, depth: int = 2, dtype=torch.float32) -> nn.Module:
+    layers: list[nn.Module] = []
+    sizes = [n_in] + [width] * depth
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    layers.append(nn.Linear(sizes[-1], n_out))
+    return nn.Sequential(*layers).to(dtype)
+
+
+class SmallConv(nn.Module):
+    """(B, 1, 8, 8) -> (B, 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.head = nn.Linear(3 * 6 * 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+class MatrixOut(nn.Module):
+    """(B, 6) -> (B, 2, 3): a matrix per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.lin(x)).view(-1, 2, 3)
+
+
+class ScalarOut(nn.Module):
+    """(B, 4) -> (B,): one scalar per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+def data_dependent(x: torch.Tensor) -> torch.Tensor:
+    """A Python branch on a tensor's value: vmap refuses it, autograd does not mind."""
+    if float(x.detach().abs().max()) > 1e6:
+        return x
+    return torch.sin(x) * x.sum(-1, keepdim=True)
+
+
+def centered(x: torch.Tensor) -> torch.Tensor:
+    """Batch-coupled: every output depends on the whole batch through the mean."""
+    return torch.tanh(x - x.mean(0)) * x
