@@ -44,18 +44,10 @@ class AutojacWarning(UserWarning):
     """Something autojac worked around that the user may want to know about."""
 
 
-# The heuristic table: strategy names, most promising first, before anything is measured;
-# strategies not named follow in registration order. m and n are the per-sample output and
-# input sizes. Measured on CPU (DESIGN.md): one backward pass wins for scalar outputs,
-# forward mode when there are fewer inputs than outputs, reverse mode otherwise.
 def heuristic_order(op: str, sizes: Sizes) -> list[str]:
-    if op == "jacobian":
-        if sizes.m == 1:
-            return ["loop_rev", "sum_grad", "sum_rev", "sum_fwd", "vmap_rev", "vmap_fwd"]
-        if sizes.n < sizes.m:
-            return ["sum_fwd", "sum_rev", "sum_grad", "vmap_fwd", "vmap_rev", "loop_rev"]
-        return ["sum_rev", "sum_grad", "sum_fwd", "vmap_rev", "vmap_fwd", "loop_rev"]
-    return []
+    """Strategy names for `op`, most promising first, before anything is measured; each family
+    of strategies sets its table next to its strategies (`registry.set_heuristic`)."""
+    return registry.heuristic(op, sizes)
 
 
 @dataclass(frozen=True)
@@ -86,7 +78,7 @@ def candidates(op: str, sizes: Sizes, probes: Probes, *, create_graph: bool,
                budget: int | None) -> tuple[list[Candidate], dict[str, str]]:
     """Candidates valid for f, in heuristic order (all chunks), and why the others are not."""
     order = heuristic_order(op, sizes)
-    strategies = sorted(registry.for_op(op), key=lambda s: order.index(s.name) if s.name in order else len(order))
+    strategies = sorted(registry.for_op(op), key=lambda s: order.index(s.name))
     valid: list[Candidate] = []
     excluded: dict[str, str] = {}
     for rank, strategy in enumerate(strategies):

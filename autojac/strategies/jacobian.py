@@ -12,7 +12,7 @@ from torch.func import vmap
 
 from ..problem import Problem, Sizes
 from .basis import batch_first, grad_input, jvp_basis, one_hot_rows, one_sample, spans, vjp_basis
-from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register
+from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
 
 JACOBIAN = frozenset({"jacobian"})
 
@@ -169,3 +169,16 @@ register(Strategy(
     summary="rows of the whole-batch Jacobian, keeping each sample's diagonal block; "
             "exact for batch-coupled f",
 ))
+
+
+def _heuristic(s: Sizes) -> list[str]:
+    # Measured on CPU (DESIGN.md): one backward pass wins for scalar outputs, forward mode
+    # when there are fewer inputs than outputs, reverse mode otherwise.
+    if s.m == 1:
+        return ["loop_rev", "sum_grad", "sum_rev", "sum_fwd", "vmap_rev", "vmap_fwd"]
+    if s.n < s.m:
+        return ["sum_fwd", "sum_rev", "sum_grad", "vmap_fwd", "vmap_rev", "loop_rev"]
+    return ["sum_rev", "sum_grad", "sum_fwd", "vmap_rev", "vmap_fwd", "loop_rev"]
+
+
+set_heuristic("jacobian", _heuristic)

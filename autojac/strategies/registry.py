@@ -62,6 +62,7 @@ class Strategy:
 
 
 _REGISTRY: dict[str, Strategy] = {}
+_HEURISTICS: dict[str, Callable[[Sizes], list[str]]] = {}
 
 
 def register(strategy: Strategy) -> Strategy:
@@ -70,6 +71,17 @@ def register(strategy: Strategy) -> Strategy:
         raise ValueError(f"strategy {strategy.name!r} is already registered")
     _REGISTRY[strategy.name] = strategy
     return strategy
+
+
+def set_heuristic(op: str, order: Callable[[Sizes], list[str]]) -> None:
+    """The heuristic table of `op`: strategy names, most promising first, for given sizes."""
+    _HEURISTICS[op] = order
+
+
+def heuristic(op: str, sizes: Sizes) -> list[str]:
+    """Names in `op`'s heuristic order; strategies not named follow in registration order."""
+    named = _HEURISTICS[op](sizes) if op in _HEURISTICS else []
+    return named + [s.name for s in for_op(op) if s.name not in named]
 
 
 def get(name: str, op: str | None = None) -> Strategy:
