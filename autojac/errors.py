@@ -10,10 +10,12 @@ class AutojacError(RuntimeError):
 class NoCandidateError(AutojacError):
     """Every candidate strategy failed or was ruled out; the message lists each reason."""
 
-    def __init__(self, what: str, reasons: dict[str, str]):
+    def __init__(self, what: str, reasons: dict[str, str], hint: str = ""):
         self.reasons = dict(reasons)
         lines = "\n".join(f"  {name}: {why}" for name, why in reasons.items()) or "  (none)"
-        super().__init__(f"no strategy could compute the {what}; the candidates and why each failed:\n{lines}")
+        tail = f"\n{hint}" if hint else ""
+        super().__init__(
+            f"no strategy could compute the {what}; the candidates and why each failed:\n{lines}{tail}")
 
 
 class NonDeterministicError(ValueError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import memory
+from . import distributed, memory
 from ._version import __version__
 from .errors import NoCandidateError, NonDeterministicError
 from .models import Plan, candidate_label, parse_label
@@ -277,6 +277,14 @@ class _Tuning:
         return Outcome(winner, self.samples, self.excluded, self.last_result)
 
 
+def _memory_hint(reasons: dict[str, str], batch: int) -> str:
+    if not any("memory" in why for why in reasons.values()):
+        return ""
+    piece = max(1, batch // 4)
+    return (f"Candidates that suit f need more memory than is free. Try a smaller batch: split x into "
+            f"pieces (torch.split(x, {piece})) and concatenate the results with torch.cat")
+
+
 def _caller_stacklevel() -> int:
     """The stacklevel that points a warning at the first frame outside autojac."""
     package = os.path.dirname(os.path.abspath(__file__))
@@ -342,6 +350,7 @@ class Planner:
             plan = self.store.get(sig.key)
             if plan is not None:
                 self._hot[sig] = plan
+                distributed.publish(plan)
         return plan
 
     def forget(self) -> None:
@@ -354,9 +363,20 @@ class Planner:
         """Make (or wait for) the plan for sig; also the result when the planning computed it."""
         with self._lock_for(sig):
             plan = self.cached(sig)
-            if plan is not None and (plan.tuned or not tune):
+            follower = distributed.is_follower()
+            if plan is not None and (plan.tuned or not tune or follower):
                 return plan, None
-            return self._make(sig, problem, tune, settings or TuneSettings.from_env())
+            if follower:  # rank 0 decides; only when it cannot be heard from does this rank choose
+                plan, why = distributed.fetch(sig.key, sig.op)
+                if plan is not None:
+                    self._hot[sig] = plan
+                    return plan, None
+                warnings.warn(f"autojac: {why}; using the heuristic choice for {sig.op} of {sig.fn_name}",
+                              AutojacWarning, stacklevel=_caller_stacklevel())
+                return self._make(sig, problem, False, settings or TuneSettings.from_env(), persist=False)
+            plan, result = self._make(sig, problem, tune, settings or TuneSettings.from_env())
+            distributed.publish(plan)
+            return plan, result
 
     def probes(self, sig: Signature, problem: Problem) -> Probes:
         """Probe f once per signature (the operation and create_graph do not matter)."""
@@ -388,7 +408,8 @@ class Planner:
         with self._guard:
             return self._locks.setdefault(sig, threading.Lock())
 
-    def _make(self, sig: Signature, problem: Problem, tune: bool, settings: TuneSettings) -> tuple[Plan, Tensor | None]:
+    def _make(self, sig: Signature, problem: Problem, tune: bool, settings: TuneSettings,
+              persist: bool = True) -> tuple[Plan, Tensor | None]:
         if tune:
             _warm_transforms()
         clock = self.clock(problem.x.device)
@@ -407,7 +428,7 @@ class Planner:
         budget = memory.budget_bytes(problem.x.device)
         pool, excluded = candidates(sig.op, sizes, probes, create_graph=sig.create_graph, budget=budget)
         if not pool:
-            raise NoCandidateError(sig.op, excluded)
+            raise NoCandidateError(sig.op, excluded, _memory_hint(excluded, sig.batch))
 
         def run(candidate: Candidate) -> Tensor:
             return candidate.strategy(problem, candidate.chunk)
@@ -416,7 +437,8 @@ class Planner:
             try:
                 outcome = choose(pool, run, clock=clock, settings=settings, tune=tune, started=started)
             except NoCandidateError as error:
-                raise NoCandidateError(sig.op, {**excluded, **error.reasons}) from None
+                reasons = {**excluded, **error.reasons}
+                raise NoCandidateError(sig.op, reasons, _memory_hint(reasons, sig.batch)) from None
         samples = {label: s for label, s in outcome.samples.items() if s.seconds}
         plan = Plan(
             key=sig.key, op=sig.op, strategy=outcome.winner.strategy.name, chunk=outcome.winner.chunk,
@@ -432,7 +454,8 @@ class Planner:
             tuning_seconds=time.perf_counter() - wall,
         )
         self._hot[sig] = plan
-        self.store.put(plan)
+        if persist:
+            self.store.put(plan)
         if tune:
             log.info("tuned %s of %s [B=%d in=%s out=%s] in %.2f s: %s won (%d timed, %d excluded)",
                      sig.op, sig.fn_name, sig.batch, sig.in_shape, plan.out_shape, plan.tuning_seconds,

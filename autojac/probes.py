@@ -35,13 +35,15 @@ class Probes:
 
 
 def run_probes(f: BatchedFn, x: Tensor, batch_independent: bool | None = None) -> Probes:
-    """Run f a few times on x and report what it is; see the module docstring."""
+    """Run f a few times on a copy of x and report what it is; see the module docstring."""
     x = x.detach()
+    copy = x.clone()  # f runs on a copy: an f that writes into its input cannot touch the caller's x
     with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
+        xg = copy.detach().requires_grad_(True)  # shares copy's version counter
         saved = _SavedBytes()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-            y = f(xg)
+            y = _call_refusing_in_place(f, xg)
+        _check_unchanged(copy, x)
         out_shape = check_output(y, x)
         coupling = ""
         if batch_independent is None:
@@ -50,15 +52,38 @@ def run_probes(f: BatchedFn, x: Tensor, batch_independent: bool | None = None) -
         else:
             independent = batch_independent
     with torch.no_grad():
-        again = f(x)
+        again = f(copy)
+    _check_unchanged(copy, x)
     same, diff, allowed = agree(again, y.detach())
     nondeterminism = "" if same else f"two calls on the same x differ by up to {diff:.3g} (allowed {allowed:.3g})"
-    vmap_error = _vmap_error(f, x, y.detach())
+    vmap_error = _vmap_error(f, copy, y.detach())
     return Probes(
         out_shape=out_shape, batch_independent=independent, vmap_ok=not vmap_error,
         deterministic=same, activations=saved.total, coupling=coupling, vmap_error=vmap_error,
         nondeterminism=nondeterminism,
     )
+
+
+_IN_PLACE = (
+    "f modifies its input in place ({how}); autojac calls f several times on the same x and "
+    "differentiates with respect to it, so f must not write into x. Use out-of-place operations "
+    "(x = x * 2 instead of x *= 2, torch.relu(x) instead of x.relu_()), or clone x first inside f"
+)
+
+
+def _call_refusing_in_place(f: BatchedFn, xg: Tensor) -> Tensor:
+    try:
+        return f(xg)
+    except RuntimeError as error:
+        if "leaf Variable that requires grad" in str(error) or "view of a leaf Variable" in str(error):
+            raise ValueError(_IN_PLACE.format(how="autograd refused an in-place operation on it")) from None
+        raise
+
+
+def _check_unchanged(copy: Tensor, x: Tensor) -> None:
+    same = (copy == x) | (copy.isnan() & x.isnan())
+    if not bool(same.all()):
+        raise ValueError(_IN_PLACE.format(how="x changed during a call of f"))
 
 
 class _SavedBytes:
