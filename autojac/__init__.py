@@ -2,9 +2,8 @@
 
 from ._version import __version__
 from .api import explain, jacobian
-from .errors import AutojacError, NoCandidateError, NonDeterministicError
+from .errors import AutojacError, AutojacWarning, NoCandidateError, NonDeterministicError
 from .models import Plan
-from .planner import AutojacWarning
 
 __all__ = [
     "AutojacError",

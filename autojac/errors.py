@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+class AutojacWarning(UserWarning):
+    """Something autojac worked around that the user may want to know about."""
+
+
 class AutojacError(RuntimeError):
     """Base class of autojac's own failures."""
 

@@ -11,67 +11,35 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import gc
 import logging
-import os
-import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed, memory
 from ._version import __version__
-from .errors import NoCandidateError, NonDeterministicError
+from .errors import AutojacWarning, NoCandidateError, NonDeterministicError
 from .models import Plan, candidate_label, parse_label
-from .numerics import agree
 from .probes import Probes, run_probes
 from .problem import Problem, Sizes
 from .signature import Signature, describe
 from .store import MemoryStore, PlanStore
 from .strategies import registry
 from .strategies.registry import BATCH_INDEPENDENT, VMAP, Strategy
-from .timing import Clock, Samples, TuneSettings, clock_for, timed
+from .timing import Clock, TuneSettings, clock_for
+from .tuner import Candidate, caller_stacklevel, choose
 
 log = logging.getLogger("autojac")
-
-
-class AutojacWarning(UserWarning):
-    """Something autojac worked around that the user may want to know about."""
 
 
 def heuristic_order(op: str, sizes: Sizes) -> list[str]:
     """Strategy names for `op`, most promising first, before anything is measured; each family
     of strategies sets its table next to its strategies (`registry.set_heuristic`)."""
     return registry.heuristic(op, sizes)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One strategy at one chunk size, with its memory estimate and heuristic rank."""
-
-    strategy: Strategy
-    chunk: int | None
-    memory: int
-    rank: int
-
-    @property
-    def label(self) -> str:
-        return candidate_label(self.strategy.name, self.chunk)
-
-
-@dataclass
-class Outcome:
-    """What tuning found: the winner, every timing, every exclusion."""
-
-    winner: Candidate
-    samples: dict[str, Samples]
-    excluded: dict[str, str]
-    result: Tensor | None = None  # the winner's result, with tuning off (it ran exactly once)
 
 
 def candidates(op: str, sizes: Sizes, probes: Probes, *, create_graph: bool,
@@ -108,204 +76,12 @@ def _invalid_reason(strategy: Strategy, probes: Probes, create_graph: bool) -> s
     return ""
 
 
-def choose(pool: Sequence[Candidate], run: Callable[[Candidate], Tensor], *, clock: Clock,
-           settings: TuneSettings, tune: bool, started: float | None = None) -> Outcome:
-    """Try the candidates and pick the winner; see `_Tuning`."""
-    return _Tuning(pool, run, clock, settings, tune, started).go()
-
-
-@dataclass
-class _ResultClass:
-    """Candidates whose results agree with one representative result."""
-
-    result: Tensor
-    members: list[str] = field(default_factory=list)
-
-
-class _Tuning:
-    """One tuning run.
-
-    1. Unchunked candidates in heuristic order: one warm-up call (its result is cross-checked
-       against the others'), then one timed call; one already `drop_factor` times slower than
-       the best so far is dropped. Errors and out-of-memory exclude a candidate with its reason.
-    2. Chunked variants, for strategies within `chunk_margin` of the best or that did not fit.
-    3. Timed rounds over the survivors, interleaved so that drift hits all alike, until each
-       has its share of the budget or `max_repeats` calls; the median is kept.
-    4. Results that disagree with the majority are excluded. The fastest wins; medians within
-       `tie_margin` of it tie, and ties go to the lower memory estimate, then the heuristic rank.
-    With `tune` False, the first candidate that runs wins and nothing is timed.
-    """
-
-    def __init__(self, pool: Sequence[Candidate], run: Callable[[Candidate], Tensor], clock: Clock,
-                 settings: TuneSettings, tune: bool, started: float | None):
-        self.pool, self.run, self.clock, self.settings, self.tune = list(pool), run, clock, settings, tune
-        self.started = clock.now() if started is None else started
-        self.samples: dict[str, Samples] = {}
-        self.excluded: dict[str, str] = {}
-        self.active: list[Candidate] = []  # survivors still being timed
-        self.classes: list[_ResultClass] = []
-        self.last_result: Tensor | None = None  # with tuning off, the answer itself
-        self.fitted: set[str] = set()  # strategies whose unchunked run failed for memory
-
-    def go(self) -> Outcome:
-        unchunked = [c for c in self.pool if c.chunk is None]
-        chunked = [c for c in self.pool if c.chunk is not None]
-        # A strategy whose every unchunked form was over budget starts at its chunks.
-        no_whole = {c.strategy.name for c in chunked} - {c.strategy.name for c in unchunked}
-        self.fitted |= no_whole
-        for candidate in unchunked:
-            if self._warm_up(candidate) and not self.tune:
-                return self._outcome(candidate)
-        promising = self._promising()
-        for candidate in chunked:
-            if candidate.strategy.name in promising and self._warm_up(candidate) and not self.tune:
-                return self._outcome(candidate)
-            if candidate.strategy.name not in promising:
-                self.excluded[candidate.label] = "not timed: its unchunked form was well behind the best"
-        if not self.samples:
-            raise NoCandidateError("result", self.excluded)
-        self._rounds()
-        return self._outcome(self._winner())
-
-    def _spent(self) -> float:
-        return self.clock.now() - self.started
-
-    def _warm_up(self, candidate: Candidate) -> bool:
-        """Run once to check, once to time; True if the candidate survives."""
-        label = candidate.label
-        if self.tune and self.samples and self._spent() > self.settings.budget:
-            self.excluded[label] = (f"not timed: the tuning budget of {self.settings.budget:g} s was spent "
-                                    f"(AUTOJAC_TUNE_BUDGET)")
-            return False
-        failure = ""
-        try:
-            result, _ = timed(self.clock, lambda: self.run(candidate))
-            if self.tune:
-                _, seconds = timed(self.clock, lambda: self.run(candidate))
-        except Exception as error:  # a failing candidate is data: excluded with its reason
-            failure = _describe_failure(error)
-            del error
-        if failure:
-            self.excluded[label] = failure
-            if failure.startswith("out of memory"):
-                self.fitted.add(candidate.strategy.name)
-                _release_memory()
-            return False
-        if not self._join_class(label, result):
-            return False
-        if not self.tune:
-            self.samples[label] = Samples()
-            self.last_result = result
-            return True
-        self.samples[label] = Samples([seconds])
-        if seconds > self.settings.drop_factor * self._best():
-            log.debug("dropping %s: %.3g s is over %gx the best", label, seconds, self.settings.drop_factor)
-        else:
-            self.active.append(candidate)
-        return True
-
-    def _join_class(self, label: str, result: Tensor) -> bool:
-        if not torch.is_tensor(result):
-            self.excluded[label] = f"returned {type(result).__name__}, not a tensor"
-            return False
-        for group in self.classes:
-            if agree(result, group.result)[0]:
-                group.members.append(label)
-                return True
-        if len(self.classes) >= 3:  # more than three different answers: keep no more copies
-            self.excluded[label] = "disagrees with every other candidate"
-            return False
-        self.classes.append(_ResultClass(result.detach(), [label]))
-        return True
-
-    def _best(self) -> float:
-        medians = [s.median for s in self.samples.values() if s.seconds]
-        return min(medians) if medians else float("inf")
-
-    def _promising(self) -> set[str]:
-        best = self._best()
-        near = {label for label, s in self.samples.items() if s.seconds and s.median <= self.settings.chunk_margin * best}
-        return {parse_label(label)[0] for label in near} | self.fitted
-
-    def _rounds(self) -> None:
-        if not self.tune or not self.active:
-            return
-        share = max(self.settings.budget - self._spent(), 0.0) / len(self.active)
-        active = list(self.active)
-        while active and self._spent() < self.settings.budget:
-            for candidate in list(active):
-                samples = self.samples[candidate.label]
-                try:
-                    _, seconds = timed(self.clock, lambda: self.run(candidate))
-                except Exception as error:  # flaky failure after warm-up: exclude it too
-                    self.excluded[candidate.label] = _describe_failure(error)
-                    del self.samples[candidate.label]
-                    active.remove(candidate)
-                    continue
-                samples.add(seconds)
-                enough = len(samples.seconds) >= self.settings.max_repeats or (
-                    len(samples.seconds) >= self.settings.min_repeats and samples.total >= share)
-                behind = len(samples.seconds) >= 3 and samples.median > self.settings.drop_factor * self._best()
-                if enough or behind:
-                    active.remove(candidate)
-
-    def _winner(self) -> Candidate:
-        by_label = {c.label: c for c in self.pool}
-        majority = self._majority()
-        timed_ok = [by_label[label] for label in self.samples if label in majority]
-        best = min(self.samples[c.label].median for c in timed_ok)
-        tied = [c for c in timed_ok if self.samples[c.label].median <= best * (1 + self.settings.tie_margin)]
-        return min(tied, key=lambda c: (c.memory, c.rank, c.chunk is not None, c.chunk or 0))
-
-    def _majority(self) -> set[str]:
-        """Labels in the largest agreeing group; the others are excluded with a warning."""
-        rank = {c.label: i for i, c in enumerate(self.pool)}
-        groups = sorted(self.classes, key=lambda g: (-len(g.members), min(rank[m] for m in g.members)))
-        winner, losers = groups[0], groups[1:]
-        for group in losers:
-            _, diff, allowed = agree(group.result, winner.result)
-            for label in group.members:
-                reason = (f"result disagrees with {winner.members[0]} by {diff:.3g} "
-                          f"(allowed {allowed:.3g}); agreeing with it: {', '.join(winner.members)}")
-                self.excluded[label] = reason
-                self.samples.pop(label, None)
-                warnings.warn(f"autojac: candidate {label} excluded: {reason}", AutojacWarning,
-                              stacklevel=_caller_stacklevel())
-        return set(winner.members)
-
-    def _outcome(self, winner: Candidate) -> Outcome:
-        return Outcome(winner, self.samples, self.excluded, self.last_result)
-
-
 def _memory_hint(reasons: dict[str, str], batch: int) -> str:
     if not any("memory" in why for why in reasons.values()):
         return ""
     piece = max(1, batch // 4)
     return (f"Candidates that suit f need more memory than is free. Try a smaller batch: split x into "
             f"pieces (torch.split(x, {piece})) and concatenate the results with torch.cat")
-
-
-def _caller_stacklevel() -> int:
-    """The stacklevel that points a warning at the first frame outside autojac."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _describe_failure(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text.lower() \
-            or "can't allocate memory" in text.lower():
-        return f"out of memory: {type(error).__name__}: {text}"[:400]
-    return f"{type(error).__name__}: {text}"[:400]
-
-
-def _release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -372,7 +148,7 @@ class Planner:
                     self._hot[sig] = plan
                     return plan, None
                 warnings.warn(f"autojac: {why}; using the heuristic choice for {sig.op} of {sig.fn_name}",
-                              AutojacWarning, stacklevel=_caller_stacklevel())
+                              AutojacWarning, stacklevel=caller_stacklevel())
                 return self._make(sig, problem, False, settings or TuneSettings.from_env(), persist=False)
             plan, result = self._make(sig, problem, tune, settings or TuneSettings.from_env())
             distributed.publish(plan)

@@ -6,7 +6,8 @@ import threading
 import torch
 
 import autojac
-from autojac.planner import Candidate, choose, default_planner
+from autojac.planner import default_planner
+from autojac.tuner import Candidate, choose
 from autojac.strategies import registry
 from autojac.strategies.registry import Strategy
 from autojac.timing import Clock, TuneSettings

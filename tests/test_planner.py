@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from autojac.errors import NoCandidateError
-from autojac.planner import AutojacWarning, Candidate, candidates, choose, heuristic_order
+from autojac.errors import AutojacWarning
+from autojac.planner import candidates, heuristic_order
+from autojac.tuner import Candidate, choose
 from autojac.probes import Probes
 from autojac.problem import Sizes
 from autojac.strategies.registry import Strategy
