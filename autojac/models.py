@@ -7,10 +7,20 @@ in a plan is ever executed or unpickled.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 OPS = ("jacobian", "hessian", "hvp", "hessian_diag", "laplacian")
+FILE_FORMAT = "autojac-plans"
+# Bumped whenever Plan or PlanFile change incompatibly; part of every cache key and file name.
+FORMAT_VERSION = 1
+
+# Bounds keep a crafted file from smuggling in values that break arithmetic (inf, 10**400).
+Seconds = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0, le=2**62)]
+Size = Annotated[int, Field(ge=0, le=2**62)]
+Key = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 
 def _now() -> datetime:
@@ -22,10 +32,10 @@ class Timing(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    median: float = Field(ge=0, description="Median seconds per call.")
-    p20: float = Field(ge=0, description="20th percentile of seconds per call.")
-    p80: float = Field(ge=0, description="80th percentile of seconds per call.")
-    repeats: int = Field(ge=1, description="How many timed calls the figures are taken over.")
+    median: Seconds = Field(description="Median seconds per call.")
+    p20: Seconds = Field(description="20th percentile of seconds per call.")
+    p80: Seconds = Field(description="80th percentile of seconds per call.")
+    repeats: Count = Field(ge=1, description="How many timed calls the figures are taken over.")
 
 
 class Plan(BaseModel):
@@ -33,13 +43,13 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    key: str = Field(description="Hash of the signature; the cache key.")
+    key: Key = Field(description="Hash of the signature; the cache key.")
     op: str = Field(description="Operation: jacobian, hessian, hvp, hessian_diag or laplacian.")
     strategy: str = Field(description="Registry name of the winning strategy.")
     chunk: int | None = Field(
-        default=None, ge=1, description="Basis vectors per vectorized pass; None is all at once."
+        default=None, ge=1, le=2**62, description="Basis vectors per vectorized pass; None is all at once."
     )
-    timings: dict[str, float] = Field(
+    timings: dict[str, Seconds] = Field(
         default_factory=dict, description="Candidate label -> median seconds, for every candidate timed."
     )
     spread: dict[str, Timing] = Field(
@@ -48,16 +58,16 @@ class Plan(BaseModel):
     excluded: dict[str, str] = Field(
         default_factory=dict, description="Candidate label -> why it was not chosen or not timed."
     )
-    memory: dict[str, int] = Field(
+    memory: dict[str, Size] = Field(
         default_factory=dict, description="Candidate label -> estimated peak bytes."
     )
     tuned: bool = Field(description="True when chosen by measurement, False when by the heuristic.")
     batch_independent: bool = Field(description="Whether sample b's output depends only on x[b].")
     vmap_ok: bool = Field(description="Whether f runs under torch.func.vmap on single samples.")
     deterministic: bool = Field(description="Whether two calls of f on the same x agreed.")
-    batch_size: int = Field(ge=0, description="B, the size of the first dimension of x.")
-    in_shape: tuple[int, ...] = Field(description="Per-sample input shape, x.shape[1:].")
-    out_shape: tuple[int, ...] = Field(description="Per-sample output shape, f(x).shape[1:].")
+    batch_size: Size = Field(description="B, the size of the first dimension of x.")
+    in_shape: tuple[Size, ...] = Field(description="Per-sample input shape, x.shape[1:].")
+    out_shape: tuple[Size, ...] = Field(description="Per-sample output shape, f(x).shape[1:].")
     dtype: str = Field(description="dtype of x, e.g. 'float32'.")
     device: str = Field(description="Device type of x: 'cpu', 'cuda', ...")
     device_name: str = Field(description="Model name of the device, e.g. the GPU's or the CPU's.")
@@ -66,8 +76,8 @@ class Plan(BaseModel):
     fingerprint: str = Field(description="Hash of f's code and structure (not its weights).")
     torch_version: str = Field(description="torch.__version__ that made the plan.")
     autojac_version: str = Field(description="autojac.__version__ that made the plan.")
-    threads: int = Field(ge=1, description="torch.get_num_threads() when the plan was made.")
-    tuning_seconds: float = Field(ge=0, description="Wall time spent probing and tuning.")
+    threads: Count = Field(ge=1, description="torch.get_num_threads() when the plan was made.")
+    tuning_seconds: Seconds = Field(description="Wall time spent probing and tuning.")
     created: datetime = Field(default_factory=_now, description="When the plan was made (UTC).")
 
     @property
@@ -98,6 +108,18 @@ class Plan(BaseModel):
             text = why if len(why) <= width else why[: width - 3] + "..."
             lines.append(f"  excluded {names}: {text}")
         return "\n".join(lines)
+
+
+class PlanFile(BaseModel):
+    """A file of plans: the user's cache, an exported file, or one shipped with an application."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["autojac-plans"] = Field(description="Always 'autojac-plans': what this file is.")
+    format_version: int = Field(
+        ge=1, le=2**31, description="Version of this layout; a reader skips files of another version."
+    )
+    entries: dict[Key, Plan] = Field(description="Plan.key -> plan, one per problem signature.")
 
 
 def candidate_label(strategy: str, chunk: int | None) -> str:

@@ -1,7 +1,7 @@
 """The planner: which strategies apply, in what order to try them, and which one wins.
 
 Plans are memoized per signature in memory (the hot path is one dict lookup) and kept in
-a `PlanStore`. On a miss the planner probes f once, lists the candidates that are valid for
+a `PlanStore` (by default the disk cache of cache.py), which is asked only on a miss. On a miss the planner probes f once, lists the candidates that are valid for
 it and fit in memory, and then either tunes (times them, cross-checks their results) or,
 with tuning off, takes the first candidate in the heuristic order that runs.
 """
@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import threading
 import time
 import warnings
@@ -20,9 +21,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import distributed, memory
+from . import cache, config, distributed, memory
 from ._version import __version__
-from .errors import AutojacWarning, NoCandidateError, NonDeterministicError
+from .errors import AutojacWarning, NoCandidateError, NonDeterministicError, PlanRequiredError
 from .models import Plan, candidate_label, parse_label
 from .probes import Probes, run_probes
 from .problem import Problem, Sizes
@@ -124,6 +125,10 @@ class Planner:
         plan = self._hot.get(sig)
         if plan is None:
             plan = self.store.get(sig.key)
+            if plan is not None and not _describes(plan, sig):
+                log.warning("ignoring the stored plan %s: it does not describe %s of %s [B=%d in=%s %s %s]",
+                            sig.key, sig.op, sig.fn_name, sig.batch, sig.in_shape, sig.dtype, sig.device)
+                plan = None
             if plan is not None:
                 self._hot[sig] = plan
                 distributed.publish(plan)
@@ -140,8 +145,11 @@ class Planner:
         with self._lock_for(sig):
             plan = self.cached(sig)
             follower = distributed.is_follower()
-            if plan is not None and (plan.tuned or not tune or follower):
+            required = config.plan_required()
+            if plan is not None and (plan.tuned or not tune or follower or required):
                 return plan, None
+            if required:
+                raise PlanRequiredError(_missing_plan_message(sig, self.store))
             if follower:  # rank 0 decides; only when it cannot be heard from does this rank choose
                 plan, why = distributed.fetch(sig.key, sig.op)
                 if plan is not None:
@@ -241,6 +249,32 @@ class Planner:
         return plan, outcome.result
 
 
+def _describes(plan: Plan, sig: Signature) -> bool:
+    """Whether a plan read from a store is for this very signature (a crafted file could put any
+    plan under any key)."""
+    return (plan.key, plan.op, plan.batch_size, plan.in_shape, plan.dtype, plan.device, plan.device_name,
+            plan.create_graph, plan.fn_name, plan.fingerprint, plan.torch_version) == (
+        sig.key, sig.op, sig.batch, sig.in_shape, sig.dtype, sig.device, sig.device_name,
+        sig.create_graph, sig.fn_name, sig.fingerprint, sig.torch_version)
+
+
+def _missing_plan_message(sig: Signature, store: PlanStore) -> str:
+    shape = ",".join(str(size) for size in (sig.batch, *sig.in_shape))
+    where = getattr(store, "path", None)
+    shipped = [str(path) for path in getattr(store, "shipped", ())]
+    looked = f"{where}" + (f" and AUTOJAC_PLANS={os.pathsep.join(shipped)}" if shipped else "")
+    graph = ", create_graph=True" if sig.create_graph else ""
+    return (
+        f"no stored plan for {sig.op} of {sig.fn_name} [B={sig.batch} in={sig.in_shape} {sig.dtype} "
+        f"{sig.device} ({sig.device_name}){graph}], key {sig.key}, and AUTOJAC_REQUIRE_PLAN=1 forbids making "
+        f"one (looked in {looked or 'memory'}). Pre-warm it where plans are made: "
+        f"autojac.warm(f, x, ops=({sig.op!r},){graph}) with x of shape ({shape}), or "
+        f"`autojac warm MODULE:ATTR --input-shape {shape} --dtype {sig.dtype} --device {sig.device} "
+        f"--op {sig.op}{' --create-graph' if graph else ''}`; then ship the plans (autojac export, and "
+        f"AUTOJAC_PLANS or autojac import here), or unset AUTOJAC_REQUIRE_PLAN"
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def _warm_transforms() -> None:
     """Pay torch.func's one-time start-up (over a second for the first vjp) outside any budget."""
@@ -268,7 +302,7 @@ def default_planner() -> Planner:
     if _default is None:
         with _default_guard:
             if _default is None:
-                _default = Planner()
+                _default = Planner(cache.default_store())
     return _default
 
 
@@ -277,4 +311,4 @@ def set_default_planner(planner: Planner) -> Planner:
     global _default
     with _default_guard:
         old, _default = _default, planner
-    return old or Planner()
+    return old or Planner(cache.default_store())

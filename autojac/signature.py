@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-FORMAT_VERSION = 1
+from .models import FORMAT_VERSION
 TORCH_VERSION = torch.__version__
 _MAX_DEPTH = 4
 _PRIMITIVES = (int, float, bool, str, bytes, type(None), complex)
