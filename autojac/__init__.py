@@ -2,16 +2,25 @@
 
 from ._version import __version__
 from .api import explain, jacobian
-from .errors import AutojacError, AutojacWarning, NoCandidateError, NonDeterministicError
+from .errors import AutojacError, AutojacWarning, NoCandidateError, NonDeterministicError, PlanRequiredError
+from .manage import ImportCounts, cache_path, clear_cache, export_plans, import_plans, plans, warm
 from .models import Plan
 
 __all__ = [
     "AutojacError",
     "AutojacWarning",
+    "ImportCounts",
     "NoCandidateError",
     "NonDeterministicError",
     "Plan",
+    "PlanRequiredError",
     "__version__",
+    "cache_path",
+    "clear_cache",
     "explain",
+    "export_plans",
+    "import_plans",
     "jacobian",
+    "plans",
+    "warm",
 ]

@@ -1,0 +1,131 @@
+"""Plans as things to manage: list them, pre-warm them, export them, import them, clear them.
+
+All of these act on the process-wide planner and its store (by default the disk cache in
+AUTOJAC_CACHE_DIR, plus the read-only files of AUTOJAC_PLANS).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import api, config
+from .cache import DiskStore, PlanFileError, read_plan_file, unusable_reason, write_plan_file
+from .models import Plan
+from .planner import default_planner
+from .problem import BatchedFn
+from .signature import TORCH_VERSION
+from .store import MergeCounts
+from .strategies import registry
+
+
+@dataclass(frozen=True)
+class ImportCounts:
+    """What `import_plans` did with each entry of the file."""
+
+    added: int = 0  # new signatures
+    replaced: int = 0  # the imported plan was preferred (tuned over heuristic, then newer)
+    kept: int = 0  # the stored plan was as good (tuned) and as new, or the same plan
+    invalid: int = 0  # not a valid plan, or a strategy this autojac does not know for its op
+    foreign: int = 0  # made with another torch version: never used here
+
+    @property
+    def skipped(self) -> int:
+        return self.invalid + self.foreign
+
+    def __str__(self) -> str:
+        return (f"{self.added} added, {self.replaced} replaced, {self.kept} kept, "
+                f"{self.invalid} invalid, {self.foreign} from another torch version")
+
+
+def plans(op: str | None = None, device: str | torch.device | None = None) -> list[Plan]:
+    """Every plan that would be used here (the user cache's and AUTOJAC_PLANS'), optionally only
+    those of one operation (`"jacobian"`, ...) or device type (`"cpu"`, `"cuda"`, `"cuda:1"` means
+    `"cuda"`); sorted by operation, function, shape and time of creation."""
+    kind = None if device is None else torch.device(device).type
+    found = [plan for plan in default_planner().store.plans()
+             if (op is None or plan.op == op) and (kind is None or plan.device == kind)]
+    return sorted(found, key=lambda p: (p.op, p.fn_name, p.dtype, p.in_shape, p.batch_size, p.created))
+
+
+def cache_path() -> Path | None:
+    """The user cache file (which may not exist yet); None when the planner keeps plans only
+    in memory (a store other than the disk cache)."""
+    store = default_planner().store
+    return store.path if isinstance(store, DiskStore) else None
+
+
+def clear_cache() -> int:
+    """Forget every plan in the user cache (on disk and in this process); returns how many there
+    were. Files named by AUTOJAC_PLANS are read-only and left alone."""
+    planner = default_planner()
+    count = planner.store.clear()
+    planner.forget()
+    return count
+
+
+def export_plans(path: str | os.PathLike[str]) -> int:
+    """Write every stored plan (the user cache's and AUTOJAC_PLANS') to a plan file at `path`,
+    atomically; returns how many. Ship it with AUTOJAC_PLANS=path, or `autojac import path`."""
+    store = default_planner().store
+    found = store.stored() if isinstance(store, DiskStore) else store.plans()
+    write_plan_file(Path(path), found)
+    return len(found)
+
+
+def import_plans(path: str | os.PathLike[str]) -> ImportCounts:
+    """Merge the plans of a plan file into the user cache: for each signature a tuned plan beats a
+    heuristic one, then the newer wins. Entries that are not valid plans or name a strategy this
+    autojac does not know are skipped and counted, as are plans of another torch version.
+
+    Raises PlanFileError if the file as a whole is not a plan file (or is too large), and
+    FileNotFoundError if it does not exist.
+    """
+    loaded = read_plan_file(Path(path))
+    usable, invalid, foreign = [], loaded.invalid, 0
+    for plan in loaded.plans.values():
+        if plan.torch_version != TORCH_VERSION:
+            foreign += 1
+        elif unusable_reason(plan):
+            invalid += 1
+        else:
+            usable.append(plan)
+    planner = default_planner()
+    merged: MergeCounts = planner.store.merge(usable)
+    planner.forget()  # imported plans may be preferred to those memoized
+    return ImportCounts(merged.added, merged.replaced, merged.kept, invalid, foreign)
+
+
+def warm(f: BatchedFn, x: Tensor, ops: Sequence[str] = ("jacobian",), **kwargs: Any) -> list[Plan]:
+    """Make the plans of `ops` for f at a batch shaped like x now (tuning unless tune=False is
+    given, even under AUTOJAC_TUNE=0 or AUTOJAC_REQUIRE_PLAN=1), and store them. A signature that
+    already has a tuned plan is not tuned again. Other keyword arguments (create_graph=,
+    batch_independent=, v=) go to `autojac.explain`; for "hvp" without v, a random v shaped like
+    x is used (the plan does not depend on v's values). Returns the plans, one per op."""
+    if isinstance(ops, str):
+        raise TypeError(f"ops must be a sequence of operation names, e.g. ({ops!r},); got the string {ops!r}")
+    known = operations()
+    for op in ops:
+        if op not in known:
+            raise ValueError(f"unknown operation {op!r}; known: {', '.join(known)}")
+    kwargs.setdefault("tune", True)
+    made = []
+    with config.warming():
+        for op in ops:
+            extra = {"v": torch.randn_like(x)} if op == "hvp" and kwargs.get("v") is None else {}
+            made.append(api.explain(f, x, op=op, **kwargs, **extra))
+    return made
+
+
+def operations() -> list[str]:
+    """The operations some registered strategy serves, sorted."""
+    return sorted({op for strategy in registry.all_strategies() for op in strategy.ops})
+
+
+
