@@ -2,7 +2,8 @@
 
 from ._version import __version__
 from .api import explain, jacobian
-from .errors import AutojacError, AutojacWarning, NoCandidateError, NonDeterministicError, PlanRequiredError
+from .errors import (AutojacError, AutojacWarning, NoCandidateError, NonDeterministicError, PlanFileError,
+                     PlanRequiredError)
 from .manage import ImportCounts, cache_path, clear_cache, export_plans, import_plans, plans, warm
 from .models import Plan
 
@@ -13,6 +14,7 @@ __all__ = [
     "NoCandidateError",
     "NonDeterministicError",
     "Plan",
+    "PlanFileError",
     "PlanRequiredError",
     "__version__",
     "cache_path",

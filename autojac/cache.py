@@ -36,7 +36,7 @@ import filelock
 from pydantic import BaseModel, ValidationError
 
 from . import config
-from .errors import AutojacError, AutojacWarning
+from .errors import AutojacWarning, PlanFileError
 from .models import FILE_FORMAT, FORMAT_VERSION, Plan, PlanFile
 from .signature import TORCH_VERSION
 from .store import MergeCounts, preferred, tally
@@ -51,10 +51,6 @@ FILE_NAME = f"plans-v{FORMAT_VERSION}.json"
 # rather than grow past it, and refuses to read any plan file larger.
 MAX_FILE_BYTES = 32 * 2**20
 LOCK_TIMEOUT = 30.0  # seconds to wait for another process's write
-
-
-class PlanFileError(AutojacError, ValueError):
-    """A plan file that cannot be used as a whole: unreadable, too large, not JSON, wrong format."""
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def _plans(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"{len(found)} plans (cache: {manage.cache_path()})")
+    print(f"{_plans_count(len(found))} (cache: {manage.cache_path()})")
     return 0
 
 
@@ -127,7 +127,7 @@ def _warm(args: argparse.Namespace) -> int:
                 how = "heuristic"
             print(f"[{done}/{total}] {op} of {plan.fn_name} B={plan.batch_size} in={_shape(plan.in_shape)} "
                   f"{plan.dtype} {plan.device}: {plan.label} ({how})", flush=True)
-    print(f"{total} plans in {manage.cache_path() or 'memory'}")
+    print(f"{_plans_count(total)} in {manage.cache_path() or 'memory'}")
     return 0
 
 
@@ -135,7 +135,7 @@ def _export(args: argparse.Namespace) -> int:
     from . import manage
 
     count = manage.export_plans(args.path)
-    print(f"exported {count} plans to {args.path}")
+    print(f"exported {_plans_count(count)} to {args.path}")
     return 0
 
 
@@ -157,7 +157,7 @@ def _clear(args: argparse.Namespace) -> int:
     from . import manage
 
     count = manage.clear_cache()
-    print(f"removed {count} plans from {manage.cache_path()}")
+    print(f"removed {_plans_count(count)} from {manage.cache_path()}")
     return 0
 
 
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plans = commands.add_parser("plans", help="list the stored plans")
     plans.add_argument("--op", help="only plans of this operation")
-    plans.add_argument("--device", help="only plans of this device type (cpu, cuda, ...)")
+    plans.add_argument("--device", type=_device_argument, help="only plans of this device type (cpu, cuda, ...)")
     plans.add_argument("--json", action="store_true", help="JSON, one object per plan")
     plans.set_defaults(handler=_plans)
 
@@ -339,6 +339,10 @@ def _ops(args: argparse.Namespace) -> list[str]:
         if op not in operations():
             raise UsageError(f"unknown operation {op!r} for --op; known: {', '.join(operations())}")
     return ops
+
+
+def _plans_count(count: int) -> str:
+    return f"{count} plan" if count == 1 else f"{count} plans"
 
 
 def _shape(shape: Sequence[int]) -> str:

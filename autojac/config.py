@@ -1,4 +1,5 @@
-"""Environment switches, read at call time so that a test or a CI job can flip them.
+"""Environment switches, read at call time so that a test or a CI job can flip them (the cache
+directory and plan files when the process-wide planner is made, on the first call).
 
 AUTOJAC_TUNE=0           never benchmark: a stored plan, else the heuristic choice
 AUTOJAC_TUNE_BUDGET=s    wall seconds per plan (default 1.0), probes included

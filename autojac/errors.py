@@ -28,3 +28,7 @@ class NonDeterministicError(ValueError):
 
 class PlanRequiredError(AutojacError):
     """AUTOJAC_REQUIRE_PLAN=1 and no stored plan matches the call."""
+
+
+class PlanFileError(AutojacError, ValueError):
+    """A plan file that cannot be used as a whole: unreadable, too large, not JSON, another format."""

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import api, config
-from .cache import DiskStore, PlanFileError, read_plan_file, unusable_reason, write_plan_file
+from .cache import DiskStore, read_plan_file, unusable_reason, write_plan_file
 from .models import Plan
 from .planner import default_planner
 from .problem import BatchedFn

@@ -1,9 +1,11 @@
 """The planner: which strategies apply, in what order to try them, and which one wins.
 
 Plans are memoized per signature in memory (the hot path is one dict lookup) and kept in
-a `PlanStore` (by default the disk cache of cache.py), which is asked only on a miss. On a miss the planner probes f once, lists the candidates that are valid for
-it and fit in memory, and then either tunes (times them, cross-checks their results) or,
-with tuning off, takes the first candidate in the heuristic order that runs.
+a `PlanStore` (by default the disk cache of cache.py), which is asked only on a miss. On a
+miss the planner probes f once, lists the candidates that are valid for it and fit in
+memory, and then either tunes (times them, cross-checks their results) or, with tuning off,
+takes the first candidate in the heuristic order that runs. With AUTOJAC_REQUIRE_PLAN=1 a
+miss is an error instead.
 """
 
 from __future__ import annotations
@@ -260,14 +262,16 @@ def _describes(plan: Plan, sig: Signature) -> bool:
 
 def _missing_plan_message(sig: Signature, store: PlanStore) -> str:
     shape = ",".join(str(size) for size in (sig.batch, *sig.in_shape))
-    where = getattr(store, "path", None)
-    shipped = [str(path) for path in getattr(store, "shipped", ())]
-    looked = f"{where}" + (f" and AUTOJAC_PLANS={os.pathsep.join(shipped)}" if shipped else "")
+    where = []
+    if isinstance(store, cache.DiskStore):
+        where.append(str(store.path))
+        if store.shipped:
+            where.append(f"AUTOJAC_PLANS={os.pathsep.join(map(str, store.shipped))}")
     graph = ", create_graph=True" if sig.create_graph else ""
     return (
         f"no stored plan for {sig.op} of {sig.fn_name} [B={sig.batch} in={sig.in_shape} {sig.dtype} "
         f"{sig.device} ({sig.device_name}){graph}], key {sig.key}, and AUTOJAC_REQUIRE_PLAN=1 forbids making "
-        f"one (looked in {looked or 'memory'}). Pre-warm it where plans are made: "
+        f"one (looked in {' and '.join(where) or 'memory'}). Pre-warm it where plans are made: "
         f"autojac.warm(f, x, ops=({sig.op!r},){graph}) with x of shape ({shape}), or "
         f"`autojac warm MODULE:ATTR --input-shape {shape} --dtype {sig.dtype} --device {sig.device} "
         f"--op {sig.op}{' --create-graph' if graph else ''}`; then ship the plans (autojac export, and "

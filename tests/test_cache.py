@@ -5,19 +5,18 @@ import json
 import os
 import subprocess
 import sys
-import time
 import tracemalloc
 import warnings
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 import torch
 
 import autojac
-from autojac import cache, planner as planner_module
-from autojac.cache import FILE_NAME, DiskStore, PlanFileError, read_plan_file
-from autojac.errors import AutojacWarning
+from autojac import cache
+from autojac.cache import FILE_NAME, DiskStore, read_plan_file
+from autojac.errors import AutojacWarning, PlanFileError
 from autojac.models import FORMAT_VERSION, PlanFile
 from autojac.planner import Planner, default_planner, set_default_planner
 
@@ -32,9 +31,9 @@ def _env(cache_dir: Path) -> dict[str, str]:
             "AUTOJAC_CACHE_DIR": str(cache_dir), "AUTOJAC_TUNE_BUDGET": "0.2", "OMP_NUM_THREADS": "1"}
 
 
-def _worker(mode: str, batch: int, out: Path, cache_dir: Path, go: Path | None = None) -> subprocess.Popen:
-    args = [sys.executable, str(TESTS / "cache_worker.py"), mode, str(batch), str(out)] + ([str(go)] if go else [])
-    return subprocess.Popen(args, env=_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _worker(cache_dir: Path, *args: object) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(TESTS / "cache_worker.py"), *map(str, args)], env=_env(cache_dir),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(proc: subprocess.Popen) -> None:
@@ -64,8 +63,8 @@ def _no_planning(monkeypatch) -> None:
 
 def test_a_plan_tuned_in_one_process_is_used_by_the_next_without_tuning(tmp_path):
     cache_dir = tmp_path / "cache"
-    _finish(_worker("tune", 6, tmp_path / "first.json", cache_dir))
-    _finish(_worker("use", 6, tmp_path / "second.json", cache_dir))
+    _finish(_worker(cache_dir, "tune", 6, tmp_path / "first.json"))
+    _finish(_worker(cache_dir, "use", 6, tmp_path / "second.json"))
     first, second = (json.loads((tmp_path / name).read_text()) for name in ("first.json", "second.json"))
 
     assert first["plan"]["tuned"] and first["entered"]["timed"] == 1
@@ -74,14 +73,11 @@ def test_a_plan_tuned_in_one_process_is_used_by_the_next_without_tuning(tmp_path
     assert first["correct"] and second["correct"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the eight workers are forked")
 def test_eight_processes_tuning_at_once_leave_eight_valid_plans(tmp_path):
-    cache_dir, go = tmp_path / "cache", tmp_path / "go"
+    cache_dir = tmp_path / "cache"
     batches = [2, 3, 4, 5, 6, 7, 8, 9]
-    procs = [_worker("tune", b, tmp_path / f"w{b}.json", cache_dir, go) for b in batches]
-    time.sleep(0.5)
-    go.touch()  # the workers wait for this, so that they tune and write at the same time
-    for proc in procs:
-        _finish(proc)
+    _finish(_worker(cache_dir, "fan-out", tmp_path / "w", *batches))  # eight processes, started together
 
     loaded = read_plan_file(cache_dir / FILE_NAME)
     assert loaded.invalid == 0

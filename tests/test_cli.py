@@ -4,11 +4,9 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 import autojac
 from autojac import cli, demo
@@ -112,7 +110,7 @@ def test_plans_shows_a_table_and_json(capsys, models):
     header, row, total = out.splitlines()
     assert code == 0 and header.split()[:3] == ["KEY", "OP", "FUNCTION"]
     assert row.split()[:4] == [plan.key[:10], "jacobian", "Net", "4"] and plan.label in row
-    assert total.startswith("1 plans")
+    assert total.startswith("1 plan (cache: ")
 
     code, out, _ = run(capsys, "plans", "--json")
     assert code == 0 and [autojac.Plan.model_validate(p) for p in json.loads(out)] == [plan]
@@ -181,6 +179,7 @@ def _one_line_error(code, out, err, expected_code, *fragments):
     (["explain", "cli_models:make"], ["needs at least one --input-shape"]),
     (["export"], ["required: PATH"]),
     (["plans", "--jsn"], ["unrecognized arguments: --jsn"]),
+    (["plans", "--device", "toaster"], ["'toaster' is not a device"]),
 ])
 def test_bad_arguments_are_usage_errors_on_one_line(capsys, models, argv, fragments):
     _one_line_error(*run(capsys, *argv), 2, *fragments)

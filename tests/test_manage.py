@@ -11,7 +11,7 @@ import torch
 
 import autojac
 from autojac import api, cache
-from autojac.cache import FILE_NAME, PlanFileError, read_plan_file, schema_text
+from autojac.cache import FILE_NAME, read_plan_file, schema_text
 from autojac.models import FORMAT_VERSION, PlanFile
 from autojac.planner import Planner, default_planner, set_default_planner
 
@@ -122,7 +122,7 @@ def test_import_prefers_tuned_then_newer_plans_and_counts_what_it_skips(tmp_path
 def test_importing_a_file_that_is_not_a_plan_file_raises(tmp_path, content, error):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    with pytest.raises(PlanFileError, match=error):
+    with pytest.raises(autojac.PlanFileError, match=error):
         autojac.import_plans(path)
     with pytest.raises(FileNotFoundError):
         autojac.import_plans(tmp_path / "missing.json")
