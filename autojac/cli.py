@@ -52,7 +52,8 @@ def _plans(args: argparse.Namespace) -> int:
     if not found:
         print(f"no plans (cache: {manage.cache_path()})")
         return 0
-    rows = [("KEY", "OP", "FUNCTION", "B", "IN", "OUT", "DTYPE", "DEVICE", "STRATEGY", "TIME", "HOW", "CREATED")]
+    rows = [("KEY", "OP", "FUNCTION", "B", "IN", "OUT", "DTYPE", "DEVICE", "STRATEGY", "TIME", "HOW",
+             "CREATED (UTC)")]
     for plan in found:
         seconds = plan.timings.get(plan.label)
         rows.append((plan.key[:10], plan.op, plan.fn_name, str(plan.batch_size), _shape(plan.in_shape),
@@ -85,12 +86,10 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _explain_stored(prefix: str) -> int:
-    from .cache import DiskStore, unusable_reason
-    from .planner import default_planner
+    from .cache import unusable_reason
+    from .manage import stored_plans
 
-    store = default_planner().store
-    stored = store.stored() if isinstance(store, DiskStore) else store.plans()
-    found = [plan for plan in stored if plan.key.startswith(prefix.lower())]
+    found = [plan for plan in stored_plans() if plan.key.startswith(prefix.lower())]
     if not found:
         raise LookupError(f"no stored plan has a key starting with {prefix!r}; `autojac plans` lists them, or "
                           f"give MODULE:ATTR --input-shape B,... to make one")

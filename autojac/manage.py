@@ -6,9 +6,9 @@ AUTOJAC_CACHE_DIR, plus the read-only files of AUTOJAC_PLANS).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,11 @@ from .store import MergeCounts
 from .strategies import registry
 
 
-@dataclass(frozen=True)
-class ImportCounts:
-    """What `import_plans` did with each entry of the file."""
+@dataclasses.dataclass(frozen=True)
+class ImportCounts(MergeCounts):
+    """What `import_plans` did with each entry of the file: added, replaced or kept as merged
+    into the cache, or skipped."""
 
-    added: int = 0  # new signatures
-    replaced: int = 0  # the imported plan was preferred (tuned over heuristic, then newer)
-    kept: int = 0  # the stored plan was as good (tuned) and as new, or the same plan
     invalid: int = 0  # not a valid plan, or a strategy this autojac does not know for its op
     foreign: int = 0  # made with another torch version: never used here
 
@@ -40,8 +38,7 @@ class ImportCounts:
         return self.invalid + self.foreign
 
     def __str__(self) -> str:
-        return (f"{self.added} added, {self.replaced} replaced, {self.kept} kept, "
-                f"{self.invalid} invalid, {self.foreign} from another torch version")
+        return f"{super().__str__()}, {self.invalid} invalid, {self.foreign} from another torch version"
 
 
 def plans(op: str | None = None, device: str | torch.device | None = None) -> list[Plan]:
@@ -73,10 +70,16 @@ def clear_cache() -> int:
 def export_plans(path: str | os.PathLike[str]) -> int:
     """Write every stored plan (the user cache's and AUTOJAC_PLANS') to a plan file at `path`,
     atomically; returns how many. Ship it with AUTOJAC_PLANS=path, or `autojac import path`."""
-    store = default_planner().store
-    found = store.stored() if isinstance(store, DiskStore) else store.plans()
+    found = stored_plans()
     write_plan_file(Path(path), found)
     return len(found)
+
+
+def stored_plans() -> list[Plan]:
+    """Every valid plan the store holds, usable here or not (other torch versions, strategies
+    this autojac lacks): what an export carries."""
+    store = default_planner().store
+    return store.stored() if isinstance(store, DiskStore) else store.plans()
 
 
 def import_plans(path: str | os.PathLike[str]) -> ImportCounts:
@@ -97,9 +100,9 @@ def import_plans(path: str | os.PathLike[str]) -> ImportCounts:
         else:
             usable.append(plan)
     planner = default_planner()
-    merged: MergeCounts = planner.store.merge(usable)
+    merged = planner.store.merge(usable)
     planner.forget()  # imported plans may be preferred to those memoized
-    return ImportCounts(merged.added, merged.replaced, merged.kept, invalid, foreign)
+    return ImportCounts(**dataclasses.asdict(merged), invalid=invalid, foreign=foreign)
 
 
 def warm(f: BatchedFn, x: Tensor, ops: Sequence[str] = ("jacobian",), **kwargs: Any) -> list[Plan]:

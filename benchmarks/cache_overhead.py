@@ -11,8 +11,9 @@ overhead over calling the winning strategy directly.
    With a cache of just that plan, and of 1,001 plans.
 2. Warm calls in one process, side by side: the winning strategy called directly and
    `autojac.jacobian` with its plan read from the disk cache, alternated call by call; the
-   overhead is the median of the paired differences. Because that difference is small next to
-   the strategy's own noise, the dispatch is also timed alone: a plan whose strategy does
+   overhead is the median of the paired differences, in wall time and in the calling thread's
+   CPU time (which a loaded machine does not stretch). Because that difference is small next
+   to the strategy's own noise, the dispatch is also timed alone: a plan whose strategy does
    nothing, called through autojac and directly, with the plan from disk and with a planner
    that only ever had memory.
 """
@@ -105,18 +106,19 @@ def cold(processes: int, extra_plans: int) -> dict[str, float]:
 
 # -- warm ---------------------------------------------------------------------------------------
 
-def paired(a: Callable[[], object], b: Callable[[], object], pairs: int) -> tuple[float, float, float]:
+def paired(a: Callable[[], object], b: Callable[[], object], pairs: int,
+           clock: Callable[[], float] = time.perf_counter) -> tuple[float, float, float]:
     """Median seconds of a, of b, and of (b - a) over calls alternated pair by pair."""
     for _ in range(20):
         a(), b()
     times_a, times_b, differences = [], [], []
     for i in range(pairs):
         first, second = (a, b) if i % 2 == 0 else (b, a)  # alternate which goes first
-        t0 = time.perf_counter()
+        t0 = clock()
         first()
-        t1 = time.perf_counter()
+        t1 = clock()
         second()
-        t2 = time.perf_counter()
+        t2 = clock()
         ta, tb = (t1 - t0, t2 - t1) if first is a else (t2 - t1, t1 - t0)
         times_a.append(ta)
         times_b.append(tb)
@@ -138,8 +140,9 @@ def warm(pairs: int) -> dict[str, object]:
 
         set_default_planner(from_disk)
         autojac.jacobian(f, x)  # reads the plan from the file, once
-        results["real"] = paired(lambda: strategy(Problem("jacobian", f, x), plan.chunk),
-                                 lambda: autojac.jacobian(f, x), pairs)
+        for clock in (time.perf_counter, time.thread_time):  # wall time, and this thread's CPU time
+            results[clock.__name__] = paired(lambda: strategy(Problem("jacobian", f, x), plan.chunk),
+                                             lambda: autojac.jacobian(f, x), pairs, clock)
 
         noop_plan = plan.model_copy(update={"strategy": "bench_noop", "chunk": None,
                                             "created": datetime.now(timezone.utc)})
@@ -173,10 +176,11 @@ def main() -> None:
               f"{c['first_call'] * 1e3:.1f} ms vs the strategy's ({c['strategy']}) own first call "
               f"{c['direct_first_call'] * 1e3:.1f} ms")
     w = warm(args.pairs)
-    direct, ours, difference = w["real"]
     print(f"\nWarm calls ({args.pairs} alternated pairs; the no-op rows {args.pairs * 5}):")
-    print(f"  {w['strategy']} directly {direct * 1e6:.1f} us, autojac.jacobian (plan from disk) {ours * 1e6:.1f} us: "
-          f"overhead {difference * 1e6:+.1f} us (median of paired differences)")
+    for clock, what in (("perf_counter", "wall time"), ("thread_time", "CPU time of the calling thread")):
+        direct, ours, difference = w[clock]
+        print(f"  {what}: {w['strategy']} directly {direct * 1e6:.1f} us, autojac.jacobian (plan from disk) "
+              f"{ours * 1e6:.1f} us: overhead {difference * 1e6:+.1f} us (median of paired differences)")
     for label, what in (("disk", "plan read from the disk cache"), ("memory", "plan only ever in memory")):
         direct, ours, difference = w[label]
         print(f"  dispatch alone, {what}: no-op strategy directly {direct * 1e6:.1f} us, through autojac.jacobian "

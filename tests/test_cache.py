@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import autojac
-from autojac import cache
+from autojac import cache, planner as planner_module
 from autojac.cache import FILE_NAME, DiskStore, read_plan_file
 from autojac.errors import AutojacWarning, PlanFileError
 from autojac.models import FORMAT_VERSION, PlanFile
@@ -86,7 +86,7 @@ def test_eight_processes_tuning_at_once_leave_eight_valid_plans(tmp_path):
     reports = [json.loads((tmp_path / f"w{b}.json").read_text()) for b in batches]
     assert {r["plan"]["key"]: r["plan"] for r in reports} == {k: p.model_dump(mode="json")
                                                               for k, p in loaded.plans.items()}
-    assert sorted(p.name for p in cache_dir.iterdir()) == [FILE_NAME, FILE_NAME + ".lock"]  # no temporary files
+    assert not list(cache_dir.glob("*.tmp"))  # no temporary file left behind
 
 
 def test_plans_written_by_another_process_meanwhile_are_kept_and_found():
@@ -146,6 +146,26 @@ def test_an_invalid_entry_is_skipped_and_the_valid_ones_are_served(monkeypatch):
     _no_planning(monkeypatch)
     with pytest.warns(AutojacWarning, match="1 entries .* not valid plans"):
         assert autojac.explain(f, x) == plan
+
+
+@pytest.mark.parametrize("when", ["tuning", "writing"])
+def test_an_interrupt_leaves_the_cache_file_intact_and_valid(when, monkeypatch):
+    f = mlp(5, 3)
+    stored = autojac.explain(f, torch.randn(3, 5), tune=False)
+    before = _cache_file().read_bytes()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if when == "tuning":
+        monkeypatch.setattr(planner_module, "choose", interrupt)
+    else:
+        monkeypatch.setattr(cache.os, "fsync", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        autojac.jacobian(f, torch.randn(5, 5))
+
+    assert _cache_file().read_bytes() == before and read_plan_file(_cache_file()).plans == {stored.key: stored}
+    assert not list(_cache_file().parent.glob("*.tmp"))  # no temporary file left behind
 
 
 # -- directories that cannot be written -------------------------------------------------------
@@ -262,7 +282,8 @@ def test_a_tuned_shipped_plan_beats_a_heuristic_one_in_the_user_cache(tmp_path, 
 
 def test_a_missing_or_broken_AUTOJAC_PLANS_file_is_ignored_with_a_warning(tmp_path, monkeypatch):
     (tmp_path / "broken.json").write_text("{")
-    monkeypatch.setenv("AUTOJAC_PLANS", os.pathsep.join([str(tmp_path / "missing.json"), str(tmp_path / "broken.json")]))
+    files = [str(tmp_path / "missing.json"), str(tmp_path / "broken.json")]
+    monkeypatch.setenv("AUTOJAC_PLANS", os.pathsep.join(files))
     _new_process_planner()
     f, x = mlp(5, 3), torch.randn(4, 5)
     with warnings.catch_warnings(record=True) as caught:
