@@ -161,15 +161,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=7, help="new processes per cold measurement and mode")
     parser.add_argument("--pairs", type=int, default=3000, help="alternated call pairs per warm measurement")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine a second thread adds noise)")
+    parser.add_argument("--warm-only", action="store_true", help="skip the cold-process measurements")
     parser.add_argument("--cold-child", choices=("autojac", "direct"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the new processes
     if args.cold_child:
         print(json.dumps(cold_child(args.cold_child)))
         return
-    print(f"{TITLE}; torch {torch.__version__}, {torch.get_num_threads()} threads, Python "
+    print(f"{TITLE}; torch {torch.__version__}, torch threads: {torch.get_num_threads()}, Python "
           f"{sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}\n")
     print(f"Cold process (medians over {args.processes} new processes per row):")
-    for extra in (0, 1000):
+    for extra in () if args.warm_only else (0, 1000):
         c = cold(args.processes, extra)
         print(f"  cache of {1 + extra} plans ({c['file_bytes'] / 1024:.0f} KB): lookup {c['lookup'] * 1e3:.2f} ms "
               f"(signature {c['signature'] * 1e3:.2f} ms + store {c['store'] * 1e3:.2f} ms); first call "
