@@ -25,6 +25,7 @@ from autojac.strategies.basis import one_sample
 
 Role = Literal["tutorial", "full"]
 FULL_LIMIT = demo.FULL_JACOBIAN_LIMIT  # bytes: above this a whole-batch derivative is not attempted
+CHUNKED_FULL = "full_diag[chunk=64]"  # what the demo's chunked full-Jacobian diagonal runs
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Baseline:
     role: Role
     run: Callable[[], Tensor] | None
     reason: str = ""
+    same_as: str | None = None  # the fixed strategy label that computes exactly this, if any
 
 
 def for_op(op: str, f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor | None, probes: Probes) -> list[Baseline]:
@@ -56,7 +58,9 @@ def _jacobian(f, x, v, probes: Probes) -> list[Baseline]:
     # The demo's baselines: vmap(jacrev), and the whole-batch Jacobian's diagonal blocks
     # (torch.autograd.functional.jacobian when it fits, else autojac's chunked full_diag).
     found = demo.baselines(demo.Example("", f, x), math.prod(probes.out_shape))
-    baselines = [Baseline(name, "tutorial" if name == "vmap(jacrev)" else "full", fn) for name, fn in found.items()]
+    baselines = [Baseline(name, "tutorial" if name == "vmap(jacrev)" else "full", fn,
+                          same_as=CHUNKED_FULL if name.endswith("(chunked)") else None)
+                 for name, fn in found.items()]
     if "vmap(jacrev)" not in found:
         baselines.append(Baseline("vmap(jacrev)", "tutorial", None, _per_sample_reason(probes)))
     return baselines

@@ -13,25 +13,10 @@ from collections.abc import Callable
 import torch
 
 import autojac
+from autojac.signature import device_name
 from autojac.timing import clock_for, compare
 
 from .schema import Machine
-
-
-def cpu_name() -> str:
-    """The CPU's model name, e.g. 'AMD EPYC 7B13', or the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def slug(text: str) -> str:
@@ -54,7 +39,10 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...
 def describe(device: torch.device, dtypes: list[str], quick: bool) -> Machine:
     """The machine record, with the matmul ceiling measured for each dtype."""
     name = device_name(device)
-    sizes = (512, 1024) if quick else (512, 1024, 2048)
+    if device.type == "cuda":
+        sizes = (2048, 4096) if quick else (2048, 4096, 8192)  # a GPU needs large matrices to saturate
+    else:
+        sizes = (512, 1024) if quick else (512, 1024, 2048)
     ceiling = {d: matmul_flops(device, getattr(torch, d), sizes, 0.1 if quick else 0.5) for d in dtypes}
     return Machine(
         device=device.type, device_name=name, slug=slug(f"{device.type}-{name}"), hostname=socket.gethostname(),

@@ -8,8 +8,8 @@
    validity from the probes, the memory budget); with `settings.coupled_only`, the strategies
    the planner keeps for batch-coupled f (`full_diag`) too, since a user may still pick them.
 4. Each contender's first call runs under `call_cap` (stopped and recorded as a timeout past it;
-   smaller chunks of a strategy that timed out are skipped); one slower than `repeat_cap` keeps
-   that single time. The rest are timed by `autojac.timing.compare`, interleaved, with autojac.
+   smaller chunks of a strategy that timed out, or whose chunked run was over `repeat_cap`, are
+   skipped); one slower than `repeat_cap` keeps that single time. The rest are timed by `autojac.timing.compare`, interleaved, with autojac.
 5. The oracle (fastest fixed strategy that agrees), regret, speed-ups over the baselines, FLOPs
    of autojac's choice against the matmul ceiling, its dispatch overhead, and peak memory.
 """
@@ -47,6 +47,7 @@ from .schema import TIMED, CaseResult, Dispatch, Kind, Machine, Measurement, Set
 from .workloads import Case
 
 DISPATCH_BELOW = 2e-3  # seconds: the dispatch overhead is measured on calls faster than this
+_SLOW = {"timeout": "was stopped at the time cap", "single": "took over the repeat cap"}
 _EFFICIENCY = 0.1  # share of the matmul ceiling assumed when estimating a case's time
 
 
@@ -104,6 +105,7 @@ class Contender:
     memory_estimate: int | None = None
     role: str | None = None  # a baseline's role: tutorial or full
     reason: str = ""
+    same_as: str | None = None  # a fixed strategy's label that computes exactly this
 
 
 def fixed_contenders(op: str, problem: Problem, probes: Probes, settings: Settings,
@@ -146,7 +148,7 @@ def _bind(strategy: registry.Strategy, problem: Problem, chunk: int | None) -> C
 
 
 def baseline_contenders(op: str, f, x: Tensor, v: Tensor | None, probes: Probes) -> list[Contender]:
-    return [Contender(b.name, "baseline", b.run, role=b.role, reason=b.reason)
+    return [Contender(b.name, "baseline", b.run, role=b.role, reason=b.reason, same_as=b.same_as)
             for b in baselines.for_op(op, f, x, v, probes)]
 
 
@@ -300,25 +302,42 @@ def _measure(case: Case, settings: Settings, machine: Machine, f, x: Tensor, v: 
     fixed, left_out = fixed_contenders(case.op, problem, probes, settings, plan.label)
     others = baseline_contenders(case.op, f, x, v, probes)
     run = _CaseRun(case, settings, clock, reference)
-    timed_out: set[str] = set()
+    too_slow: dict[str, str] = {}  # strategy -> the label whose slowness rules out its smaller chunks
     for c in fixed:
-        name = parse_label(c.label)[0]
-        if name in timed_out:  # smaller chunks do more passes: no faster than the one that timed out
-            run.results[c.label] = Measurement(label=c.label, kind="fixed", status="skipped",
-                                               memory_estimate=c.memory_estimate,
-                                               reason="a larger chunk of this strategy timed out")
+        name, chunk = parse_label(c.label)
+        if name in too_slow:
+            run.results[c.label] = Measurement(
+                label=c.label, kind="fixed", status="skipped", memory_estimate=c.memory_estimate,
+                reason=f"{too_slow[name]} {_SLOW[run.results[too_slow[name]].status]}, and smaller chunks do more passes")
             continue
         run.first_call(c)
-        if run.results[c.label].status == "timeout":
-            timed_out.add(name)
+        # Chunks are in decreasing order. After a timeout, or a chunked run over the repeat cap,
+        # smaller chunks are skipped; an unchunked run that was merely slow may be memory-bound,
+        # so its chunks are still tried.
+        status = run.results[c.label].status
+        if status == "timeout" or (status == "single" and chunk is not None):
+            too_slow[name] = c.label
+    ran = {label for label, m in run.results.items() if m.status not in ("excluded", "skipped")}
+    twins = [c for c in others if c.same_as in ran]
     for c in others:
         if c.run is None:
             run.results[c.label] = Measurement(label=c.label, kind="baseline", status="excluded", reason=c.reason)
-        else:
+        elif c not in twins:
             run.first_call(c)
     run.time_pool(call)
+    for c in twins:  # the same computation as a fixed strategy: measured once, reported for both
+        note = f"the same computation as the fixed strategy {c.same_as}, measured once for both"
+        fixed_twin = run.results[c.same_as]
+        run.results[c.label] = fixed_twin.model_copy(update=dict(label=c.label, kind="baseline",
+                                                                 reason=_join(fixed_twin.reason, note)))
     if _wants_peak(settings, case, x.device):
-        _peak_memory(run.results, case, settings)
+        fastest = min((m for m in run.results.values() if m.kind == "fixed" and m.status in TIMED and m.agrees),
+                      key=lambda m: m.median, default=None)
+        key = {plan.label, *(c.label for c in others), *([fastest.label] if fastest else [])}
+        _peak_memory(run.results, case, settings, key)
+    chosen = run.results.get(plan.label)
+    if chosen is not None:  # autojac runs its choice: the same peak (tuning aside)
+        run.results["autojac"] = run.results["autojac"].model_copy(update={"peak_memory": chosen.peak_memory})
     measurements = list(run.results.values()) + left_out
     figures = _figures(run.results, fixed, others, settings, plan, machine, case)
     dispatch = _dispatch(case.op, f, x, v, plan, run.results["autojac"].median or 0.0, clock, settings)
@@ -380,12 +399,13 @@ def _wants_peak(settings: Settings, case: Case, device: torch.device) -> bool:
     """CPU peak memory needs a subprocess per contender: only where the settings ask for it."""
     if device.type != "cpu":
         return False  # CUDA: measured in-process with every first call
-    return settings.memory == "all" or (settings.memory == "large" and case.batch >= 512)
+    return settings.memory == "all" or (settings.memory == "key" and case.batch >= 512)
 
 
-def _peak_memory(results: dict[str, Measurement], case: Case, settings: Settings) -> None:
+def _peak_memory(results: dict[str, Measurement], case: Case, settings: Settings, key: set[str]) -> None:
+    """Peak RSS of every timed contender ("all"), or of those in `key` ("key")."""
     for label, m in list(results.items()):
-        if m.kind == "autojac" or m.status not in TIMED:
+        if m.kind == "autojac" or m.status not in TIMED or (settings.memory == "key" and label not in key):
             continue
         spec = dict(workload=case.workload.name, op=case.op, batch=case.batch, dtype=case.dtype, label=label,
                     kind=m.kind, threads=torch.get_num_threads())

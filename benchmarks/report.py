@@ -208,6 +208,7 @@ def plot(run: Run, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return False
     panels = []
@@ -227,6 +228,10 @@ def plot(run: Run, path: Path) -> bool:
         ax.bar([i + 0.2 for i in xs], oracle, width=0.4, label="oracle (fastest fixed strategy)")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        times = FuncFormatter(lambda value, _: f"{value:g}x")
+        ax.yaxis.set_major_formatter(times)
+        ax.yaxis.set_minor_formatter(times)
+        ax.tick_params(axis="y", which="both", labelsize=7)
         ax.set_xticks(list(xs))
         ax.set_xticklabels([case_name(c) for c in shown], rotation=70, ha="right", fontsize=7)
         ax.set_ylabel(f"speed-up over {shown[0].tutorial}")

@@ -36,7 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # autojac's tuning budget (None: AUTOJAC_TUNE_BUDGET or autojac's default).
 MODES = {
     "full": dict(min_time=0.2, repeat_cap=1.0, call_cap=15.0, tune_cap=300.0, estimate_cap=20.0,
-                 chunks="all", coupled_only=True, memory="large", dispatch_time=0.5, tune_budget=None),
+                 chunks="all", coupled_only=True, memory="key", dispatch_time=0.5, tune_budget=None),
     "quick": dict(min_time=0.03, repeat_cap=0.2, call_cap=1.0, tune_cap=30.0, estimate_cap=1.0,
                   chunks="unchunked", coupled_only=False, memory="none", dispatch_time=0.1, tune_budget=0.5),
 }
@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--call-cap", type=float, help="stop a call after this many seconds")
     parser.add_argument("--tune-budget", type=float, help="AUTOJAC_TUNE_BUDGET for autojac's tuning (seconds)")
     parser.add_argument("--chunks", choices=("all", "unchunked"), help="chunk sizes of the fixed strategies")
-    parser.add_argument("--memory", choices=("none", "large", "all"),
-                        help="CPU peak memory per contender (a subprocess each): never, for B >= 512, always")
+    parser.add_argument("--memory", choices=("none", "key", "all"),
+                        help="CPU peak memory (a subprocess per contender): never; for B >= 512 of autojac's "
+                             "choice, the oracle and the baselines (full default); of every contender")
     parser.add_argument("--summary", action="store_true", help="also write SUMMARY.md (a full run always does)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     return parser
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = _settings(args, argv, ops)
     cases = _cases(settings, args.only)
     if not cases:
-        raise SystemExit("no case to run: check --suite, --only and --ops")
+        raise SystemExit("no case to run: check --suite, --only and --ops" + "".join(f"\n  {n}" for n in notes))
     started, created = time.perf_counter(), datetime.now(timezone.utc)
     machine = describe(device, sorted({c.dtype for c in cases}), quick=settings.mode == "quick")
     print(report._machine_line(Run(created=created, seconds=0, machine=machine, settings=settings, cases=[])))
@@ -154,6 +155,7 @@ def write(run: Run, out: Path, *, plot: bool = True, summary: bool = False) -> l
     name = stem(run)
     paths = [out / f"{name}.json", out / f"{name}.md"]
     paths[0].write_text(run.model_dump_json(indent=1))
+    Run.model_validate_json(paths[0].read_text())  # what was written reads back as a valid run
     paths[1].write_text(report.markdown(run))
     png = out / f"{name}.png"
     if plot and report.plot(run, png):

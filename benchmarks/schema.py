@@ -55,8 +55,9 @@ class Settings(_Model):
     coupled_only: bool = Field(
         description="Also time the strategies the planner keeps for batch-coupled f (full_diag) on "
                     "batch-independent f: a user may pick them, autojac does not.")
-    memory: Literal["none", "large", "all"] = Field(
-        description="Peak memory per contender: never, for B >= 512, or always (CUDA: always).")
+    memory: Literal["none", "key", "all"] = Field(
+        description="CPU peak memory: never; for B >= 512, of autojac's choice, the oracle and the "
+                    "baselines; or of every contender everywhere. CUDA: always, every contender.")
     dispatch_time: float = Field(description="Seconds of timed calls per side of the dispatch comparison.")
     tune_budget: float = Field(description="AUTOJAC_TUNE_BUDGET in force: autojac's tuning seconds per plan.")
     command: str
