@@ -36,6 +36,22 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...
     return best
 
 
+def load_average() -> list[float]:
+    """os.getloadavg(), or [] where the platform has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return []
+
+
+def busy_note(load: list[float], cpus: int, when: str) -> str:
+    """A warning for the results when other work was running (1-minute load over half the CPUs)."""
+    if load and load[0] > 0.5 * cpus:
+        return (f"the machine was busy {when} (load average {load[0]:.1f} on {cpus} CPUs): other processes "
+                f"competed for the cores, so these timings are unreliable; rerun on a quiet machine")
+    return ""
+
+
 def describe(device: torch.device, dtypes: list[str], quick: bool) -> Machine:
     """The machine record, with the matmul ceiling measured for each dtype."""
     name = device_name(device)
@@ -48,7 +64,7 @@ def describe(device: torch.device, dtypes: list[str], quick: bool) -> Machine:
         device=device.type, device_name=name, slug=slug(f"{device.type}-{name}"), hostname=socket.gethostname(),
         platform=platform.platform(), python=sys.version.split()[0], torch=torch.__version__,
         autojac=autojac.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count() or 1,
-        matmul_flops=ceiling,
+        load_average=load_average(), matmul_flops=ceiling,
     )
 
 

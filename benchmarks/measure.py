@@ -177,8 +177,11 @@ def skip_reason(case: Case, f, x: Tensor, out_numel: int, ceiling: float, cap: f
                 f"over the budget of {memory.format_bytes(budget)}")
     with torch.no_grad():
         forward = max(count_flops(lambda: f(x)), 10 * x.numel())  # elementwise-only f: ~10 FLOPs per input
-    passes = {"jacobian": 2 * min(n, m) + 1, "hvp": 5, "hessian": 5 * n * m,
-              "hessian_diag": 6 * n, "laplacian": 6 * n}.get(case.op, 5 * n * m)
+    # Forward passes' worth of work of the cheapest way: min(n, m) products for a Jacobian; one
+    # HVP; n HVPs, or n^2 forward-over-forward products serving every output, for a Hessian;
+    # a nested forward product per input for its diagonal.
+    passes = {"jacobian": 2 * min(n, m) + 1, "hvp": 5, "hessian": 5 * n * min(n, m),
+              "hessian_diag": 6 * n, "laplacian": 6 * n}.get(case.op, 5 * n * min(n, m))
     seconds = passes * forward / (_EFFICIENCY * ceiling)
     if seconds > cap:
         return f"estimated time: about {seconds:.3g} s per call for the cheapest strategy (cap {cap:g} s)"
@@ -239,6 +242,45 @@ class _CaseRun:
         elif status == "ok":
             self.pool[c.label] = c.run
         self.results[c.label] = entry
+
+    def try_fixed(self, fixed: list[Contender]) -> None:
+        """First calls of the fixed strategies, in the planner's order, each strategy's chunks in
+        decreasing order. After a timeout, or a chunked run over the repeat cap, smaller chunks
+        are skipped (they do more passes); an unchunked run that was merely slow may be
+        memory-bound, so its chunks are still tried."""
+        too_slow: dict[str, str] = {}  # strategy -> the label that rules out its smaller chunks
+        for c in fixed:
+            name, chunk = parse_label(c.label)
+            if name in too_slow:
+                why = _SLOW[self.results[too_slow[name]].status]
+                self.results[c.label] = Measurement(
+                    label=c.label, kind="fixed", status="skipped", memory_estimate=c.memory_estimate,
+                    reason=f"{too_slow[name]} {why}, and smaller chunks do more passes")
+                continue
+            self.first_call(c)
+            status = self.results[c.label].status
+            if status == "timeout" or (status == "single" and chunk is not None):
+                too_slow[name] = c.label
+
+    def try_baselines(self, others: list[Contender]) -> list[Contender]:
+        """First calls of the baselines; returns those that repeat a fixed strategy that ran."""
+        ran = {label for label, m in self.results.items() if m.status not in ("excluded", "skipped")}
+        twins = [c for c in others if c.same_as in ran]
+        for c in others:
+            if c.run is None:
+                self.results[c.label] = Measurement(label=c.label, kind="baseline", status="excluded",
+                                                    reason=c.reason)
+            elif c not in twins:
+                self.first_call(c)
+        return twins
+
+    def copy_twins(self, twins: list[Contender]) -> None:
+        """A baseline that is the same computation as a fixed strategy is measured once for both."""
+        for c in twins:
+            twin = self.results[c.same_as]
+            note = f"the same computation as the fixed strategy {c.same_as}, measured once for both"
+            self.results[c.label] = twin.model_copy(update=dict(label=c.label, kind="baseline",
+                                                                reason=_join(twin.reason, note)))
 
     def _check(self, result: object) -> tuple[bool, str]:
         if not isinstance(result, Tensor) or result.shape != self.reference.shape:
@@ -302,34 +344,10 @@ def _measure(case: Case, settings: Settings, machine: Machine, f, x: Tensor, v: 
     fixed, left_out = fixed_contenders(case.op, problem, probes, settings, plan.label)
     others = baseline_contenders(case.op, f, x, v, probes)
     run = _CaseRun(case, settings, clock, reference)
-    too_slow: dict[str, str] = {}  # strategy -> the label whose slowness rules out its smaller chunks
-    for c in fixed:
-        name, chunk = parse_label(c.label)
-        if name in too_slow:
-            run.results[c.label] = Measurement(
-                label=c.label, kind="fixed", status="skipped", memory_estimate=c.memory_estimate,
-                reason=f"{too_slow[name]} {_SLOW[run.results[too_slow[name]].status]}, and smaller chunks do more passes")
-            continue
-        run.first_call(c)
-        # Chunks are in decreasing order. After a timeout, or a chunked run over the repeat cap,
-        # smaller chunks are skipped; an unchunked run that was merely slow may be memory-bound,
-        # so its chunks are still tried.
-        status = run.results[c.label].status
-        if status == "timeout" or (status == "single" and chunk is not None):
-            too_slow[name] = c.label
-    ran = {label for label, m in run.results.items() if m.status not in ("excluded", "skipped")}
-    twins = [c for c in others if c.same_as in ran]
-    for c in others:
-        if c.run is None:
-            run.results[c.label] = Measurement(label=c.label, kind="baseline", status="excluded", reason=c.reason)
-        elif c not in twins:
-            run.first_call(c)
+    run.try_fixed(fixed)
+    twins = run.try_baselines(others)
     run.time_pool(call)
-    for c in twins:  # the same computation as a fixed strategy: measured once, reported for both
-        note = f"the same computation as the fixed strategy {c.same_as}, measured once for both"
-        fixed_twin = run.results[c.same_as]
-        run.results[c.label] = fixed_twin.model_copy(update=dict(label=c.label, kind="baseline",
-                                                                 reason=_join(fixed_twin.reason, note)))
+    run.copy_twins(twins)
     if _wants_peak(settings, case, x.device):
         fastest = min((m for m in run.results.values() if m.kind == "fixed" and m.status in TIMED and m.agrees),
                       key=lambda m: m.median, default=None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from autojac.models import parse_label
 
-from .schema import TIMED, CaseResult, GroupSummary, Run
+from .schema import TIMED, CaseResult, GroupSummary, Machine, Run
 
 REPRODUCE = 'python -m pip install -e ".[bench]" && python -m benchmarks.run'
 ALL = "all"
@@ -20,7 +20,7 @@ def geomean(values: Iterable[float]) -> float | None:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
 
-def _median(values: list[float]) -> float | None:
+def median(values: list[float]) -> float | None:
     values = sorted(values)
     if not values:
         return None
@@ -62,7 +62,7 @@ def summarize(cases: list[CaseResult], suite: str, op: str) -> GroupSummary:
         within_110=sum(c.regret <= 1.10 for c in measured) / len(measured) if measured else None,
         speedup_tutorial_geomean=geomean(c.speedup_tutorial for c in measured if c.speedup_tutorial),
         speedup_full_geomean=geomean(c.speedup_full for c in measured if c.speedup_full),
-        tuning_seconds_median=_median([c.tuning_seconds for c in measured if c.tuning_seconds is not None]),
+        tuning_seconds_median=median([c.tuning_seconds for c in measured if c.tuning_seconds is not None]),
         wins=dict(sorted(wins.items(), key=lambda kv: -kv[1])),
         slowdown_geomean={k: geomean(v) for k, v in sorted(slowdowns.items())},
         slowdown_worst={k: max(v) for k, v in sorted(slowdowns.items())},
@@ -91,11 +91,10 @@ def _speedup(value: float | None, at_least: bool) -> str:
     return "-" if value is None else f"{'>=' if at_least else ''}{value:.2f}x"
 
 
-def _machine_line(run: Run) -> str:
-    m = run.machine
+def machine_line(m: Machine) -> str:
     ceiling = ", ".join(f"{d} {f / 1e9:.0f} GFLOP/s" for d, f in m.matmul_flops.items())
     return (f"{m.device_name} ({m.device}), {m.threads} threads, torch {m.torch}, Python {m.python}, "
-            f"autojac {m.autojac}; matmul ceiling: {ceiling}")
+            f"autojac {m.autojac}; matmul ceiling: {ceiling}; load average {', '.join(map(str, m.load_average)) or '-'}")
 
 
 def headline_table(run: Run, groups: list[GroupSummary]) -> list[str]:
@@ -161,7 +160,7 @@ def _by_group(cases: list[CaseResult]) -> dict[tuple[str, str], list[CaseResult]
 def markdown(run: Run) -> str:
     """The full report of a run."""
     out = [f"# autojac benchmark: {run.machine.device_name}, {run.created:%Y-%m-%d}", "",
-           _machine_line(run), "",
+           machine_line(run.machine), "",
            f"Mode `{run.settings.mode}`, suites {', '.join(run.settings.suites)}, operations "
            f"{', '.join(run.settings.ops)}; fixed strategies at {run.settings.chunks} chunk sizes; "
            f"autojac's tuning budget {run.settings.tune_budget:g} s per plan; {run.seconds:.0f} s in all. "
@@ -188,6 +187,8 @@ def readme_fragment(run: Run, plot: str | None) -> str:
     out = [f"Measured {run.created:%Y-%m-%d} on {run.machine.device_name} ({run.machine.threads} threads), "
            f"torch {run.machine.torch}; reproduce with:", "", "```bash", REPRODUCE, "```", "",
            *headline_table(run, [g for g in run.summaries if g.suite != ALL or g.op == ALL]), ""]
+    if run.notes:
+        out += [*[f"- {n}" for n in run.notes], ""]
     if run.dispatch_overhead_median is not None:
         out += [f"A tuned call costs {run.dispatch_overhead_median * 1e6:.1f} us more than calling the "
                 f"winning strategy directly (median).", ""]

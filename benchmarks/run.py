@@ -24,7 +24,7 @@ from autojac.store import MemoryStore
 from autojac.timing import TuneSettings
 
 from . import report
-from .machine import describe
+from .machine import busy_note, describe, load_average
 from .measure import available_ops, measure_case
 from .schema import CaseResult, Run, Settings
 from .workloads import FULL, SUITES, Case, suite
@@ -123,9 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("no case to run: check --suite, --only and --ops" + "".join(f"\n  {n}" for n in notes))
     started, created = time.perf_counter(), datetime.now(timezone.utc)
     machine = describe(device, sorted({c.dtype for c in cases}), quick=settings.mode == "quick")
-    print(report._machine_line(Run(created=created, seconds=0, machine=machine, settings=settings, cases=[])))
-    for note in notes:
-        print(f"note: {note}")
+    print(report.machine_line(machine))
+    for note in [*notes, busy_note(machine.load_average, machine.cpu_count, "now")]:
+        if note:
+            print(f"note: {note}")
     _warm_up(device)
     results = []
     for i, case in enumerate(cases, 1):
@@ -133,9 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(result)
         print(_line(i, len(cases), result), flush=True)
     overheads = [c.dispatch.overhead for c in results if c.dispatch is not None]
+    end_load = load_average()
+    notes += [n for n in (busy_note(machine.load_average, machine.cpu_count, "when the run started"),
+                          busy_note(end_load, machine.cpu_count, "when the run ended")) if n]
     run = Run(created=created, seconds=time.perf_counter() - started, machine=machine, settings=settings,
-              notes=notes, cases=results, summaries=report.summaries(results),
-              dispatch_overhead_median=report._median(overheads))
+              notes=notes, cases=results, summaries=report.summaries(results), load_average_end=end_load,
+              dispatch_overhead_median=report.median(overheads))
     paths = write(run, args.out, plot=not args.no_plot, summary=args.summary or settings.mode == "full")
     for line in report.headline_table(run, [g for g in run.summaries if g.suite == report.ALL]):
         print(line)

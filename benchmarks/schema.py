@@ -34,6 +34,9 @@ class Machine(_Model):
     autojac: str = Field(description="autojac.__version__.")
     threads: int = Field(ge=1, description="torch.get_num_threads() during the run.")
     cpu_count: int = Field(ge=1, description="os.cpu_count().")
+    load_average: list[float] = Field(
+        default_factory=list, description="os.getloadavg() (1, 5, 15 min) when the run started: a busy machine "
+                                          "makes every timing unreliable.")
     matmul_flops: dict[str, float] = Field(
         description="dtype -> measured FLOP/s of a square matmul: the machine's ceiling.")
 
@@ -157,5 +160,6 @@ class Run(_Model):
     notes: list[str] = Field(default_factory=list, description="Operations skipped and other remarks.")
     cases: list[CaseResult]
     summaries: list[GroupSummary] = Field(default_factory=list)
+    load_average_end: list[float] = Field(default_factory=list, description="os.getloadavg() when the run ended.")
     dispatch_overhead_median: float | None = Field(
         default=None, description="Median of the per-case dispatch overheads, seconds.")
