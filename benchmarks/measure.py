@@ -9,7 +9,8 @@
    the planner keeps for batch-coupled f (`full_diag`) too, since a user may still pick them.
 4. Each contender's first call runs under `call_cap` (stopped and recorded as a timeout past it;
    smaller chunks of a strategy that timed out, or whose chunked run was over `repeat_cap`, are
-   skipped); one slower than `repeat_cap` keeps that single time. The rest are timed by `autojac.timing.compare`, interleaved, with autojac.
+   skipped); one slower than `repeat_cap` keeps that single time. The rest are timed by
+   `autojac.timing.compare`, interleaved with autojac's public call, after a warm-up; medians.
 5. The oracle (fastest fixed strategy that agrees), regret, speed-ups over the baselines, FLOPs
    of autojac's choice against the matmul ceiling, its dispatch overhead, and peak memory.
 """
@@ -292,7 +293,7 @@ class _CaseRun:
     def time_pool(self, autojac_call: Callable[[], Tensor]) -> None:
         """Interleaved timed rounds of every queued contender and autojac's public call."""
         fns = {**self.pool, "autojac": autojac_call}
-        samples = compare(fns, self.clock, min_time=self.settings.min_time)
+        samples = compare(fns, self.clock, min_time=self.settings.min_time, min_repeats=self.settings.min_repeats)
         for label, s in samples.items():
             t = s.summary()
             timing = dict(median=t.median, p20=t.p20, p80=t.p80, repeats=t.repeats)

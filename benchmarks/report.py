@@ -150,6 +150,34 @@ def problems(cases: list[CaseResult]) -> list[str]:
     return lines
 
 
+def targets(run: Run) -> list[str]:
+    """The issue's targets, each met or missed, and the shapes that miss the worst-regret one."""
+    overall = next((g for g in run.summaries if g.suite == ALL and g.op == ALL), None)
+    jacobian = [c for c in run.cases if c.op == "jacobian" and c.tutorial == "vmap(jacrev)" and c.speedup_tutorial]
+    speedup = geomean(c.speedup_tutorial for c in jacobian)
+    overhead = run.dispatch_overhead_median
+
+    def line(name: str, value: float | None, limit: float, below: bool, shown: str) -> str:
+        if value is None:
+            return f"- {name}: not measured"
+        met = value <= limit if below else value >= limit
+        return f"- {name}: {shown} ({'met' if met else 'MISSED'}; target {'<=' if below else '>='} {limit:g})"
+
+    lines = [
+        line("geometric-mean regret, all shapes and operations", overall and overall.regret_geomean, 1.10, True,
+             _fmt(overall and overall.regret_geomean)),
+        line("worst regret", overall and overall.regret_worst, 1.5, True, _fmt(overall and overall.regret_worst)),
+        line("geometric-mean speed-up over vmap(jacrev)", speedup, 2.5, False, _fmt(speedup, ".2f", "x")),
+        line("dispatch overhead of a tuned call (us, median)", overhead and overhead * 1e6, 50, True,
+             _fmt(overhead and overhead * 1e6, ".1f")),
+    ]
+    over = sorted((c for c in run.cases if c.regret and c.regret > 1.5), key=lambda c: -c.regret)
+    for c in over:
+        lines.append(f"  - regret {c.regret:.2f}: {c.suite} {c.op} {case_name(c)}: autojac chose `{c.chosen}` "
+                     f"({_ms(c.autojac)} ms), the fastest was `{c.oracle}` ({_ms(c.oracle_time)} ms)")
+    return lines
+
+
 def _by_group(cases: list[CaseResult]) -> dict[tuple[str, str], list[CaseResult]]:
     groups: dict[tuple[str, str], list[CaseResult]] = defaultdict(list)
     for c in cases:
@@ -169,7 +197,7 @@ def markdown(run: Run) -> str:
            "shape, timed side by side in one process; speed-ups are the baseline's time over autojac's.", ""]
     if run.notes:
         out += ["Notes:", *[f"- {n}" for n in run.notes], ""]
-    out += ["## Summary", "", *headline_table(run, run.summaries), ""]
+    out += ["## Summary", "", *headline_table(run, run.summaries), "", "Targets:", "", *targets(run), ""]
     if run.dispatch_overhead_median is not None:
         out += [f"Dispatch overhead of a tuned call over the winning strategy called directly (median over "
                 f"the cases faster than 2 ms): {run.dispatch_overhead_median * 1e6:.1f} us.", ""]
@@ -189,6 +217,7 @@ def readme_fragment(run: Run, plot: str | None) -> str:
            *headline_table(run, [g for g in run.summaries if g.suite != ALL or g.op == ALL]), ""]
     if run.notes:
         out += [*[f"- {n}" for n in run.notes], ""]
+    out += ["Targets:", "", *targets(run), ""]
     if run.dispatch_overhead_median is not None:
         out += [f"A tuned call costs {run.dispatch_overhead_median * 1e6:.1f} us more than calling the "
                 f"winning strategy directly (median).", ""]

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import autojac
+from autojac import config
 from autojac.planner import Planner, set_default_planner
 from autojac.store import MemoryStore
 from autojac.timing import TuneSettings
@@ -31,13 +32,13 @@ from .workloads import FULL, SUITES, Case, suite
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Per mode: seconds of timing per contender, single-call and stop caps, the case estimate cap,
+# Per mode: seconds and repeats of timing per contender, single-call and stop caps, the case estimate cap,
 # chunk sizes, coupled-only strategies, peak memory, seconds per side of the dispatch comparison,
 # autojac's tuning budget (None: AUTOJAC_TUNE_BUDGET or autojac's default).
 MODES = {
-    "full": dict(min_time=0.2, repeat_cap=1.0, call_cap=15.0, tune_cap=300.0, estimate_cap=20.0,
+    "full": dict(min_time=0.2, min_repeats=7, repeat_cap=1.0, call_cap=15.0, tune_cap=300.0, estimate_cap=20.0,
                  chunks="all", coupled_only=True, memory="key", dispatch_time=0.5, tune_budget=None),
-    "quick": dict(min_time=0.03, repeat_cap=0.2, call_cap=1.0, tune_cap=30.0, estimate_cap=1.0,
+    "quick": dict(min_time=0.03, min_repeats=3, repeat_cap=0.2, call_cap=1.0, tune_cap=30.0, estimate_cap=1.0,
                   chunks="unchunked", coupled_only=False, memory="none", dispatch_time=0.1, tune_budget=0.5),
 }
 
@@ -112,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ops, notes = available_ops()
+    if not config.tuning_enabled(None):
+        notes.append("AUTOJAC_TUNE is off: autojac's figures are its heuristic choices, not tuned ones")
     if args.ops:
         unknown = sorted(set(args.ops) - set(ops))
         if unknown:

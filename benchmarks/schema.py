@@ -48,6 +48,7 @@ class Settings(_Model):
     suites: list[str]
     ops: list[str] = Field(description="Operations measured (registered strategies and a public call).")
     min_time: float = Field(description="Seconds of timed calls per contender (after one warm-up).")
+    min_repeats: int = Field(description="Timed calls per contender at least, whatever min_time says.")
     repeat_cap: float = Field(description="A contender whose first call is slower is timed once only.")
     call_cap: float = Field(description="A call still running after this many seconds is stopped (timeout).")
     tune_cap: float = Field(description="Limit on autojac's first (tuning) call.")
