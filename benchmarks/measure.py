@@ -17,14 +17,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +39,7 @@ from autojac.strategies import registry
 from autojac.timing import Clock, clock_for, compare, timed
 
 from . import baselines
+from .deadline import Overtime, deadline
 from .machine import count_flops
 from .peak import peak_rss
 from .schema import TIMED, CaseResult, Dispatch, Kind, Machine, Measurement, Settings
@@ -50,32 +48,6 @@ from .workloads import Case
 DISPATCH_BELOW = 2e-3  # seconds: the dispatch overhead is measured on calls faster than this
 _SLOW = {"timeout": "was stopped at the time cap", "single": "took over the repeat cap"}
 _EFFICIENCY = 0.1  # share of the matmul ceiling assumed when estimating a case's time
-
-
-class Overtime(BaseException):
-    """A call ran past its cap. A BaseException, so that autojac's tuner (which records a
-    failing candidate's Exception as data) lets it through, as it does KeyboardInterrupt."""
-
-
-@contextlib.contextmanager
-def deadline(seconds: float | None) -> Iterator[None]:
-    """Raise Overtime in this thread after `seconds` (checked between Python bytecodes, so a
-    strategy's loop over chunks stops at its next step). A no-op off the main thread."""
-    usable = seconds is not None and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if not usable:
-        yield
-        return
-
-    def expire(signum: int, frame: object) -> None:
-        raise Overtime(f"stopped after {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def available_ops() -> tuple[list[str], list[str]]:

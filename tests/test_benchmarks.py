@@ -27,7 +27,7 @@ from autojac.strategies import registry  # noqa: E402
 from autojac.strategies.basis import one_sample  # noqa: E402
 from autojac.strategies.registry import BATCH_INDEPENDENT, VMAP, Strategy  # noqa: E402
 from benchmarks import baselines, report, run  # noqa: E402
-from benchmarks.measure import Overtime, deadline  # noqa: E402
+from benchmarks.deadline import Overtime, deadline  # noqa: E402
 from benchmarks.peak import peak_rss  # noqa: E402
 from benchmarks.schema import TIMED, CaseResult, Run  # noqa: E402
 from benchmarks.workloads import Case, catalog  # noqa: E402
