@@ -107,9 +107,11 @@ class TuneSettings:
 
 
 def compare(fns: dict[str, Callable[[], object]], clock: Clock | None = None, *, min_time: float = 0.2,
-            max_repeats: int = 1000, warmup: int = 1) -> dict[str, Samples]:
+            max_repeats: int = 1000, warmup: int = 1, min_repeats: int = 1) -> dict[str, Samples]:
     """Time several functions side by side: warm-up, then interleaved rounds until each has run
-    for `min_time` seconds (or `max_repeats` times). Returns their samples, by name."""
+    for `min_time` seconds and at least `min_repeats` times (or `max_repeats` times). Returns
+    their samples, by name. `min_repeats` keeps one slow outlier (a busy machine) from ending
+    a function's timing with a median of one or two samples."""
     clock = clock or Clock()
     for fn in fns.values():
         for _ in range(warmup):
@@ -120,6 +122,7 @@ def compare(fns: dict[str, Callable[[], object]], clock: Clock | None = None, *,
         for name, fn in list(active.items()):
             _, seconds = timed(clock, fn)
             samples[name].add(seconds)
-            if samples[name].total >= min_time or len(samples[name].seconds) >= max_repeats:
+            count = len(samples[name].seconds)
+            if (samples[name].total >= min_time and count >= min_repeats) or count >= max_repeats:
                 del active[name]
     return samples

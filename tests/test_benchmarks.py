@@ -1,0 +1,191 @@
+"""The benchmark runner (benchmarks/): its quick mode end to end on the tiny suite, second-order
+operations picked up from the registry, the baselines against explicit per-sample loops, the
+peak-memory subprocess, the time cap, and the aggregates."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import hessian, vmap
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder of the repository, not installed
+    sys.path.insert(0, str(ROOT))
+
+import autojac  # noqa: E402
+from autojac.api import _compute  # noqa: E402
+from autojac.probes import run_probes  # noqa: E402
+from autojac.strategies import registry  # noqa: E402
+from autojac.strategies.basis import one_sample  # noqa: E402
+from autojac.strategies.registry import BATCH_INDEPENDENT, VMAP, Strategy  # noqa: E402
+from benchmarks import baselines, report, run  # noqa: E402
+from benchmarks.deadline import Overtime, deadline  # noqa: E402
+from benchmarks.peak import peak_rss  # noqa: E402
+from benchmarks.schema import TIMED, CaseResult, Run  # noqa: E402
+from benchmarks.workloads import Case, catalog  # noqa: E402
+
+from helpers import assert_close, loop_jacobian  # noqa: E402
+
+FAST = ["--quick", "--suite", "tiny", "--min-time", "0.005", "--tune-budget", "0.1"]
+
+
+def _load(out: Path) -> Run:
+    (path,) = out.glob("*.json")
+    return Run.model_validate_json(path.read_text())
+
+
+def _check_complete(result: Run, op: str) -> list[CaseResult]:
+    """Every case of `op` measured, every registered strategy either excluded or timed."""
+    cases = [c for c in result.cases if c.op == op]
+    assert cases
+    for case in cases:
+        assert case.status == "ok", case.reason
+        by_label = {m.label: m for m in case.measurements}
+        names = {m.label.split("[")[0] for m in case.measurements if m.kind == "fixed"}
+        assert names == set(registry.names(op))
+        for m in case.measurements:
+            if m.status in ("excluded", "skipped"):
+                assert m.reason
+                continue
+            assert m.status in TIMED and m.median > 0 and m.repeats >= 1, m
+            assert m.agrees is True, m
+        assert by_label["autojac"].median == case.autojac > 0
+        assert case.chosen in by_label and case.oracle in by_label
+        assert case.regret == pytest.approx(case.autojac / by_label[case.oracle].median)
+        assert case.speedup_tutorial == pytest.approx(by_label[case.tutorial].median / case.autojac)
+        assert case.tuning_seconds > 0
+    return cases
+
+
+def test_quick_mode_writes_valid_results(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.pop("AUTOJAC_TUNE", None)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", *FAST, "--ops", "jacobian", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = _load(tmp_path)
+    assert result.settings.mode == "custom" and result.settings.suites == ["tiny"]
+    assert result.machine.threads >= 1 and result.machine.matmul_flops["float32"] > 0
+    assert result.machine.torch == torch.__version__
+    cases = _check_complete(result, "jacobian")
+    assert {c.tutorial for c in cases} == {"vmap(jacrev)"}
+    assert all(c.full and c.full.startswith("full-Jacobian diagonal") and c.speedup_full for c in cases)
+    assert any(c.dispatch is not None for c in cases)
+    assert all(c.flops and c.achieved_flops > 0 for c in cases)
+    stem = next(tmp_path.glob("*.json")).stem
+    assert stem.startswith(f"{result.machine.slug}-{result.created:%Y-%m-%d}")
+    assert "| tiny | jacobian |" in (tmp_path / f"{stem}.md").read_text()
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert (tmp_path / f"{stem}.png").exists() == has_matplotlib
+    assert not (tmp_path / "SUMMARY.md").exists()  # only a full run (or --summary) writes it
+
+
+def _loop_hessian(p, chunk):
+    # An independent reference, as a strategy: one torch.autograd.functional.hessian per sample and output.
+    f_one = one_sample(p.f)
+    rows = []
+    for xi in p.x:
+        out = f_one(xi)
+        parts = [torch.autograd.functional.hessian(lambda z, k=k: f_one(z).reshape(-1)[k], xi)
+                 for k in range(out.numel())]
+        rows.append(torch.stack(parts).reshape(*out.shape, *xi.shape, *xi.shape))
+    return torch.stack(rows)
+
+
+def test_second_order_operations_are_picked_up_once_registered(tmp_path, monkeypatch):
+    with registry.temporary() as reg:
+        reg.add(Strategy(name="test_loop_hessian", ops=frozenset({"hessian"}), run=_loop_hessian,
+                         memory=lambda s, c: 0, needs=frozenset({BATCH_INDEPENDENT})))
+        reg.add(Strategy(name="test_vmap_hessian", ops=frozenset({"hessian"}),
+                         run=lambda p, c: vmap(hessian(one_sample(p.f)))(p.x), memory=lambda s, c: 0,
+                         needs=frozenset({BATCH_INDEPENDENT, VMAP})))
+        monkeypatch.setattr(autojac, "hessian", lambda f, x, **kw: _compute("hessian", f, x, None, "auto", False,
+                                                                          None, None), raising=False)
+        assert run.main([*FAST, "--ops", "hessian", "--out", str(tmp_path), "--no-plot"]) == 0
+        result = _load(tmp_path)
+        assert result.settings.ops == ["hessian"]
+        cases = _check_complete(result, "hessian")
+    assert {c.tutorial for c in cases} == {"vmap(hessian)"}
+    assert all(c.speedup_tutorial for c in cases)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("workload", ["tiny-mlp-3-8-2", "tiny-mlp-2-8-s"])
+def test_baselines_match_per_sample_loops(workload, dtype):
+    case = Case("test", catalog()[workload], "jacobian", 3, str(dtype).split(".")[-1])
+    f, x, _ = case.make()
+    v = torch.randn_like(x)
+    probes = run_probes(f, x)
+    jac = loop_jacobian(f, x)  # (B, *out, *in)
+    rows = []
+    for xi in x:
+        out = one_sample(f)(xi)
+        rows.append(torch.stack([torch.autograd.functional.hessian(lambda z, k=k: one_sample(f)(z).reshape(-1)[k], xi)
+                                 for k in range(out.numel())]).reshape(*out.shape, *xi.shape, *xi.shape))
+    hess = torch.stack(rows)  # (B, *out, *in, *in)
+    diag = hess.diagonal(dim1=-2, dim2=-1)
+    expected = {"jacobian": jac, "hessian": hess, "hvp": (hess * v.view(3, *[1] * (hess.dim() - 3), 1, -1)).sum(-1),
+                "hessian_diag": diag, "laplacian": diag.sum(-1)}
+    for op, reference in expected.items():
+        found = baselines.for_op(op, f, x, v, probes)
+        assert found and all(b.run is not None for b in found), found
+        for b in found:
+            assert_close(b.run(), reference)
+
+
+def test_peak_memory_subprocess_sees_the_result():
+    spec = dict(workload="decoder-8-784", op="jacobian", batch=512, dtype="float32", label="sum_fwd", kind="fixed",
+                threads=1)
+    peak, note = peak_rss(spec, timeout=120)
+    result_bytes = 512 * 784 * 8 * 4
+    assert peak is not None, note
+    assert result_bytes <= peak < 100 * result_bytes
+
+
+def test_deadline_stops_a_python_loop_and_is_not_an_exception():
+    started = time.perf_counter()
+    with pytest.raises(Overtime):
+        with deadline(0.2):
+            try:
+                while True:
+                    time.sleep(0.01)
+            except Exception:  # what autojac's tuner does with a failing candidate: must not swallow it
+                pytest.fail("Overtime was caught as an Exception")
+    assert time.perf_counter() - started < 2
+    with deadline(0.2):
+        pass
+    time.sleep(0.3)  # the timer was cancelled on exit: nothing fires now
+
+
+def _case(workload: str, regret: float, speedup: float, times: dict[str, float]) -> CaseResult:
+    from benchmarks.schema import Measurement
+
+    oracle = min(times, key=times.get)
+    measurements = [Measurement(label=k, kind="fixed", status="ok", median=v, repeats=5, agrees=True)
+                    for k, v in times.items()]
+    return CaseResult(suite="s", workload=workload, title="", op="jacobian", batch=1, in_shape=[2], dtype="float32",
+                      status="ok", measurements=measurements, oracle=oracle, oracle_time=times[oracle],
+                      regret=regret, speedup_tutorial=speedup, autojac=regret * times[oracle], tuning_seconds=1.0)
+
+
+def test_summaries_aggregate_regret_wins_and_slowdowns():
+    cases = [_case("a", 1.0, 2.0, {"sum_rev": 1.0, "sum_fwd": 4.0, "sum_fwd[chunk=16]": 2.0}),
+             _case("b", 1.21, 8.0, {"sum_rev": 3.0, "sum_fwd": 1.0})]
+    group = report.summarize(cases, "s", "jacobian")
+    assert group.regret_geomean == pytest.approx(1.1)
+    assert group.regret_worst == pytest.approx(1.21) and group.regret_worst_case == "b B=1"
+    assert group.within_110 == 0.5
+    assert group.speedup_tutorial_geomean == pytest.approx(4.0)
+    assert group.wins == {"sum_rev": 1, "sum_fwd": 1}
+    # sum_fwd's best chunk counts: 2.0/1.0 on a, 1.0/1.0 on b.
+    assert group.slowdown_geomean["sum_fwd"] == pytest.approx(math.sqrt(2.0))
+    assert group.slowdown_worst["sum_rev"] == pytest.approx(3.0)
+    assert {(g.suite, g.op) for g in report.summaries(cases)} == {("s", "jacobian"), ("all", "jacobian"), ("all", "all")}
