@@ -126,13 +126,13 @@ class _Tuning:
             if self.tune:
                 _, seconds = timed(self.clock, lambda: self.run(candidate))
         except Exception as error:  # a failing candidate is data: excluded with its reason
-            failure = _describe_failure(error)
+            failure = describe_failure(error)
             del error
         if failure:
             self.excluded[label] = failure
             if failure.startswith("out of memory"):
                 self.unfit.add(candidate.strategy.name)
-                _release_memory()
+                release_memory()
             return False
         if not self._join_class(label, result):
             return False
@@ -181,7 +181,7 @@ class _Tuning:
                 try:
                     _, seconds = timed(self.clock, lambda: self.run(candidate))
                 except Exception as error:  # flaky failure after warm-up: exclude it too
-                    self.excluded[candidate.label] = _describe_failure(error)
+                    self.excluded[candidate.label] = describe_failure(error)
                     del self.samples[candidate.label]
                     active.remove(candidate)
                     continue
@@ -231,7 +231,8 @@ def caller_stacklevel() -> int:
     return level
 
 
-def _describe_failure(error: BaseException) -> str:
+def describe_failure(error: BaseException) -> str:
+    """One line for a candidate that raised; out-of-memory failures start with "out of memory"."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text.lower() \
             or "can't allocate memory" in text.lower():
@@ -239,7 +240,8 @@ def _describe_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"[:400]
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
+    """Give memory back after an out-of-memory failure, before anything else runs."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

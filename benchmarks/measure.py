@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import math
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from autojac.problem import Problem, Sizes
 from autojac.store import MemoryStore
 from autojac.strategies import registry
 from autojac.timing import Clock, clock_for, compare, timed
+from autojac.tuner import describe_failure, release_memory
 
 from . import baselines
 from .deadline import Overtime, deadline
@@ -163,17 +163,8 @@ def skip_reason(case: Case, f, x: Tensor, out_numel: int, ceiling: float, cap: f
 
 def _describe_failure(error: BaseException) -> tuple[str, str]:
     """(status, reason) of a contender that raised."""
-    text = (str(error).strip().splitlines() or [""])[0]
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    if isinstance(error, (oom, MemoryError)) or "out of memory" in text.lower() or "can't allocate memory" in text.lower():
-        return "oom", f"out of memory: {type(error).__name__}: {text}"[:400]
-    return "error", f"{type(error).__name__}: {text}"[:400]
-
-
-def _release() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    reason = describe_failure(error)
+    return ("oom" if reason.startswith("out of memory") else "error"), reason
 
 
 class _CaseRun:
@@ -205,7 +196,7 @@ class _CaseRun:
         if device.type == "cuda" and status == "ok":
             peak = torch.cuda.max_memory_allocated(device) - before
         if status != "ok":
-            _release()
+            release_memory()
         entry = Measurement(label=c.label, kind=c.kind, status=status, reason=reason, agrees=agrees,
                             memory_estimate=c.memory_estimate, peak_memory=peak)
         if status == "ok" and seconds is not None and seconds > self.settings.repeat_cap:
@@ -296,7 +287,7 @@ def measure_case(case: Case, settings: Settings, machine: Machine, device: torch
         result = _measure(case, settings, machine, f, x, v, head)
     finally:
         set_default_planner(old)
-        _release()
+        release_memory()
     return result.model_copy(update={"seconds": time.perf_counter() - started})
 
 
