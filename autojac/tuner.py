@@ -114,16 +114,22 @@ class _Tuning:
         return self.clock.now() - self.started
 
     def _warm_up(self, candidate: Candidate) -> bool:
-        """Run once to check, once to time; True if the candidate survives."""
+        """Run once to check, once to time; True if the candidate survives.
+
+        The budget is checked before each candidate: none starts when less is left than the
+        best time so far. A warm-up that spent the budget, or that was already far behind the
+        best, is not repeated: its time stands as its one sample (an upper bound).
+        """
         label = candidate.label
-        if self.tune and self.samples and self._spent() > self.settings.budget:
+        if self.tune and self.samples and self.settings.budget - self._spent() < self._best():
             self.excluded[label] = (f"not timed: the tuning budget of {self.settings.budget:g} s was spent "
                                     f"(AUTOJAC_TUNE_BUDGET)")
             return False
         failure = ""
         try:
-            result, _ = timed(self.clock, lambda: self.run(candidate))
-            if self.tune:
+            result, seconds = timed(self.clock, lambda: self.run(candidate))
+            far_behind = seconds > 2 * self.settings.drop_factor * self._best()
+            if self.tune and not far_behind and self._spent() < self.settings.budget:
                 _, seconds = timed(self.clock, lambda: self.run(candidate))
         except Exception as error:  # a failing candidate is data: excluded with its reason
             failure = describe_failure(error)

@@ -161,3 +161,18 @@ def test_heuristic_table_prefers_one_backward_pass_for_scalar_outputs_and_forwar
     assert heuristic_order("jacobian", Sizes(32, 64, 1, 4, 0))[0] == "loop_rev"
     assert heuristic_order("jacobian", Sizes(32, 2, 64, 4, 0))[0] == "sum_fwd"
     assert heuristic_order("jacobian", Sizes(32, 64, 2, 4, 0))[0] == "sum_rev"
+
+
+def test_a_warm_up_that_spends_the_budget_is_not_repeated_and_nothing_else_starts():
+    pool = [make("slow", rank=0), make("b", rank=1)]
+    calls = []
+    outcome = tune(pool, {"slow": 3.0, "b": 1.0}, settings=TuneSettings(budget=2.0), calls=calls)
+    assert calls == ["slow"]  # one call: its warm-up time is its sample
+    assert outcome.winner.label == "slow" and outcome.samples["slow"].seconds == [3.0]
+    assert "tuning budget" in outcome.excluded["b"]
+
+
+def test_no_candidate_starts_when_less_budget_is_left_than_the_best_time():
+    pool = [make("a", rank=0), make("b", rank=1)]
+    outcome = tune(pool, {"a": 1.0, "b": 0.5}, settings=TuneSettings(budget=2.5))
+    assert "b" not in outcome.samples and "tuning budget" in outcome.excluded["b"]
