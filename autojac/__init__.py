@@ -1,7 +1,7 @@
 """autojac: autotuned per-sample derivatives for PyTorch."""
 
 from ._version import __version__
-from .api import explain, jacobian
+from .api import explain, hessian, hessian_diag, hvp, jacobian, laplacian
 from .errors import AutojacError, NoCandidateError, NonDeterministicError
 from .models import Plan
 from .planner import AutojacWarning
@@ -14,5 +14,9 @@ __all__ = [
     "Plan",
     "__version__",
     "explain",
+    "hessian",
+    "hessian_diag",
+    "hvp",
     "jacobian",
+    "laplacian",
 ]
