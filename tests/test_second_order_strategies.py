@@ -107,7 +107,7 @@ def test_forward_strategies_know_each_activations_derivatives(activation):
     x, v = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
     hessian = loop_hessian(f, x)
     for op in OPS:
-        strategy = get("forward_laplacian" if op in ("laplacian", "hessian_diag") else "forward_hessian", op)
+        strategy = get({"hessian": "forward_hessian", "hvp": "forward_hvp"}.get(op, "forward_laplacian"), op)
         result = strategy(Problem(op, f, x, v if op == "hvp" else None))
         assert_close(result, second_order_reference(op, hessian, (3,), v))
 

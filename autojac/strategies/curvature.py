@@ -25,26 +25,20 @@ def summed_jacobian(f: Fn, chunk: int | None = None) -> Fn:
     return lambda x: vjp_basis(lambda z: f(z).sum(0), x, chunk)
 
 
-def gradient_rows(y: Tensor, x: Tensor) -> Tensor | None:
-    """(m, B, *in): row k is d(sum_b y[b, k]) / dx, kept differentiable; None if y ignores x."""
-    if not y.requires_grad:
-        return None
-    summed = y.sum(0).reshape(-1)
-    seeds = torch.eye(summed.numel(), dtype=summed.dtype, device=summed.device)
-    return batched_grad(summed, x, seeds, create_graph=True)
-
-
-def hessian_rows(grad_rows: Tensor, x: Tensor, start: int, stop: int, create_graph: bool) -> Tensor:
-    """Rows of every H[b, k] for the (output k, input i) pairs start .. stop-1 (pair k * n + i), from
-    the differentiable gradient rows (m, B, *in) by seeding row k with e_i on every sample:
-    (stop - start, B, *in)."""
-    m, batch, in_shape = grad_rows.shape[0], grad_rows.shape[1], tuple(grad_rows.shape[2:])
-    seeds = one_hot_rows(start, stop, (m, math.prod(in_shape)), x).view(stop - start, m, 1, *in_shape)
-    return batched_grad(grad_rows, x, seeds.expand(-1, -1, batch, *in_shape), create_graph)
+def input_basis_rows(grad: Tensor, x: Tensor, start: int, stop: int, create_graph: bool) -> Tensor:
+    """Rows start .. stop-1 of every sample's Hessian of one output element, from its differentiable
+    per-sample gradient grad (B, *in), by seeding grad with e_i on every sample: (stop - start, B, *in).
+    One seed is one plain autograd.grad: no vmap."""
+    batch, in_shape = grad.shape[0], tuple(grad.shape[1:])
+    if not grad.requires_grad:  # grad does not depend on x: those rows are zero
+        return x.new_zeros(stop - start, *x.shape)
+    seeds = one_hot_rows(start, stop, in_shape, x)[:, None]  # (c, 1, *in)
+    return batched_grad(grad, x, seeds.expand(-1, batch, *in_shape), create_graph)
 
 
 def gradient_list(y: Tensor, x: Tensor) -> list[Tensor] | None:
-    """Like gradient_rows, one plain autograd.grad per output element (no vmap anywhere)."""
+    """[d(sum_b y[b, k]) / dx for each output element k], each (B, *in) and kept differentiable:
+    one plain autograd.grad per output element (no vmap); None if y ignores x."""
     if not y.requires_grad:
         return None
     summed = y.sum(0).reshape(-1)

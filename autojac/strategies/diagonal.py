@@ -16,7 +16,7 @@ from torch.func import jvp, vmap
 from ..problem import Problem, Sizes
 from .basis import grad_input, one_hot_rows, spans
 from .curvature import (OPS_DIAGONAL, diagonal_of, double_pass_memory, finish_diagonal, gradient_list,
-                        gradient_rows, hessian_rows, summed_jacobian, zeros_result)
+                        input_basis_rows, summed_jacobian, zeros_result)
 from .hessian import _vmap_fwd_rev
 from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
 
@@ -53,27 +53,8 @@ def _hvp_diag(p: Problem, chunk: int | None) -> Tensor:
 
 
 def _grad_grad_diag(p: Problem, chunk: int | None) -> Tensor:
-    # Reverse over reverse in plain autograd: row (k, i) of every H[b] by seeding gradient row
-    # k with e_i on every sample, keeping its entry i.
-    with torch.enable_grad():
-        x = grad_input(p)
-        y = p.f(x)
-        out_shape = tuple(y.shape[1:])
-        rows = gradient_rows(y, x)  # (m, B, *in)
-        if rows is None or not rows.requires_grad:
-            return zeros_result(p, out_shape)
-        m, n = rows.shape[0], p.n
-        pieces = []
-        for start, stop in spans(m * n, chunk):
-            hess_rows = hessian_rows(rows, x, start, stop, p.create_graph)
-            pairs = torch.arange(start, stop, device=x.device)
-            pieces.append(hess_rows.reshape(stop - start, p.batch, n)[pairs - start, :, pairs % n])  # (c, B)
-    diag = torch.cat(pieces).view(m, n, p.batch).permute(2, 0, 1)
-    return finish_diagonal(p, diag.reshape(p.batch, *out_shape, *p.in_shape))
-
-
-def _loop_diag(p: Problem, chunk: int | None) -> Tensor:
-    # No vmap anywhere: one autograd.grad per output element, then per (output, input) element.
+    # Reverse over reverse in plain autograd: rows of every H[b, k] from output k's
+    # differentiable per-sample gradient seeded with e_i on every sample, keeping entry i.
     with torch.enable_grad():
         x = grad_input(p)
         y = p.f(x)
@@ -81,18 +62,19 @@ def _loop_diag(p: Problem, chunk: int | None) -> Tensor:
         grads = gradient_list(y, x)
         if grads is None:
             return zeros_result(p, out_shape)
-        entries = []
+        pieces = []
         for g in grads:
-            flat = g.reshape(p.batch, -1)
-            for i in range(p.n):
-                if g.requires_grad:
-                    row = torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True, create_graph=p.create_graph,
-                                              materialize_grads=True)[0]
-                    entries.append(row.reshape(p.batch, -1)[:, i])
-                else:
-                    entries.append(x.new_zeros(p.batch))
-    diag = torch.stack(entries, dim=1).view(p.batch, *out_shape, *p.in_shape)
-    return finish_diagonal(p, diag)
+            for start, stop in spans(p.n, chunk):
+                rows = input_basis_rows(g, x, start, stop, p.create_graph).reshape(stop - start, p.batch, p.n)
+                coords = torch.arange(start, stop, device=x.device)
+                pieces.append(rows[coords - start, :, coords])  # (c, B)
+    diag = torch.cat(pieces).view(-1, p.batch).t()  # (B, m * n)
+    return finish_diagonal(p, diag.reshape(p.batch, *out_shape, *p.in_shape))
+
+
+def _loop_diag(p: Problem, chunk: int | None) -> Tensor:
+    # No vmap anywhere: one autograd.grad per output element, then per (output, input) element.
+    return _grad_grad_diag(p, 1)
 
 
 def _vmap_hessian_diag(p: Problem, chunk: int | None) -> Tensor:
@@ -110,13 +92,13 @@ def _reverse_in_forward_memory(s: Sizes, chunk: int | None) -> int:
     return double_pass_memory(s, c * s.m, s.batch * s.n, "hessian_diag")
 
 
-def _pair_memory(s: Sizes, chunk: int | None) -> int:
-    c = chunk or s.m * s.n
-    return double_pass_memory(s, c, s.batch * s.m * s.n, "hessian_diag")
+def _grad_grad_memory(s: Sizes, chunk: int | None) -> int:
+    c = chunk or s.n
+    return double_pass_memory(s, c, s.batch * s.n, "hessian_diag") + s.m * s.activations
 
 
 def _loop_memory(s: Sizes, chunk: int | None) -> int:
-    return double_pass_memory(s, 1, s.batch * s.n, "hessian_diag")
+    return _grad_grad_memory(s, 1)
 
 
 def _vmap_memory(s: Sizes, chunk: int | None) -> int:
@@ -136,7 +118,7 @@ register(Strategy(
             "entry kept",
 ))
 register(Strategy(
-    name="grad_grad_diag", ops=OPS_DIAGONAL, run=_grad_grad_diag, memory=_pair_memory, basis=lambda s: s.m * s.n,
+    name="grad_grad_diag", ops=OPS_DIAGONAL, run=_grad_grad_diag, memory=_grad_grad_memory, basis=lambda s: s.n,
     needs=frozenset({BATCH_INDEPENDENT}),
     summary="reverse over reverse with the batch trick in plain autograd, one entry per Hessian row kept",
 ))
@@ -153,6 +135,11 @@ register(Strategy(
 
 
 def _heuristic(s: Sizes) -> list[str]:
+    # Measured on CPU (benchmarks/second_order.py, tanh MLP): the forward Laplacian wins
+    # wherever it applies (6x to 100x); for other f, double backward for scalar outputs, nested
+    # forward mode (its cost does not grow with m) for vector outputs.
+    if s.m == 1:
+        return ["forward_laplacian", "grad_grad_diag", "loop_diag", "vmap_hessian_diag", "hvp_diag", "fwd_fwd_diag"]
     return ["forward_laplacian", "fwd_fwd_diag", "grad_grad_diag", "hvp_diag", "vmap_hessian_diag", "loop_diag"]
 
 

@@ -192,22 +192,28 @@ def _result(p: Problem, c: _Carry) -> Tensor:
     return c.second if p.op == "laplacian" else c.second.movedim(-1, 1)
 
 
-def _memory(op: str) -> Callable[[Sizes, int | None], int]:
-    # J costs n forward passes' worth of activations; S as much again (n^2 for the Hessian).
+def _memory(carried: Callable[[int], int], result_tail: Callable[[int], int]) -> Callable[[Sizes, int | None], int]:
+    """J costs n forward passes' worth of activations, S `carried(n)` more; the result is kept twice."""
     def estimate(s: Sizes, chunk: int | None) -> int:
-        carried = {"laplacian": 2 * s.n, "hessian_diag": 3 * s.n, "hvp": 3 * s.n}.get(op, s.n * (s.n + 2))
-        return s.activations * (1 + carried) + 2 * s.tensor(s.batch, s.m, s.n * (s.n if op == "hessian" else 1))
+        return s.activations * (2 + s.n + carried(s.n)) + 2 * s.tensor(s.batch, s.m, result_tail(s.n))
     return estimate
 
 
 register(Strategy(
-    name="forward_laplacian", ops=OPS_DIAGONAL, run=_run, memory=_memory("hessian_diag"), applies=_applies,
+    name="forward_laplacian", ops=OPS_DIAGONAL, run=_run, memory=_memory(lambda n: n, lambda n: n),
+    applies=_applies,
     summary="one forward pass carrying value, Jacobian and Laplacian (or Hessian diagonal) through an "
             "nn.Sequential of Linear and elementwise activations",
 ))
 register(Strategy(
-    name="forward_hessian", ops=frozenset({"hessian", "hvp"}), run=_run, memory=_memory("hessian"),
+    name="forward_hessian", ops=frozenset({"hessian"}), run=_run, memory=_memory(lambda n: 2 * n * n, lambda n: n * n),
     applies=_applies,
-    summary="one forward pass carrying value, Jacobian and Hessian (or Hessian-vector product) through "
-            "an nn.Sequential of Linear and elementwise activations",
+    summary="one forward pass carrying value, Jacobian and Hessian through an nn.Sequential of Linear and "
+            "elementwise activations",
+))
+register(Strategy(
+    name="forward_hvp", ops=frozenset({"hvp"}), run=_run, memory=_memory(lambda n: n, lambda n: n),
+    applies=_applies,
+    summary="one forward pass carrying value, Jacobian and Hessian-vector product through an nn.Sequential "
+            "of Linear and elementwise activations",
 ))

@@ -13,7 +13,7 @@ from torch.func import vmap
 from ..problem import Problem, Sizes
 from .basis import batch_first, grad_input, jvp_basis, one_sample, own_sample_rows, spans, vjp_basis
 from .curvature import (OPS_DIAGONAL, diagonal_of, double_pass_memory, finish_diagonal, gradient_list,
-                        gradient_rows, hessian_rows, summed_jacobian, zeros_result)
+                        input_basis_rows, summed_jacobian, zeros_result)
 from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
 
 HESSIAN = frozenset({"hessian"})
@@ -40,23 +40,8 @@ def _sum_fwd_rev(p: Problem, chunk: int | None) -> Tensor:
 
 def _sum_grad_grad(p: Problem, chunk: int | None) -> Tensor:
     # Reverse over reverse with the batch trick, in plain autograd (less overhead than
-    # torch.func): seed row k of the differentiable gradient with e_i on every sample.
-    with torch.enable_grad():
-        x = grad_input(p)
-        y = p.f(x)
-        out_shape = tuple(y.shape[1:])
-        rows = gradient_rows(y, x)  # (m, B, *in)
-        if rows is None or not rows.requires_grad:
-            return zeros_result(p, out_shape)
-        pieces = [hessian_rows(rows, x, start, stop, p.create_graph)
-                  for start, stop in spans(rows.shape[0] * p.n, chunk)]
-    hess = torch.cat(pieces).view(*out_shape, *p.in_shape, *x.shape)  # (*out, *in, B, *in)
-    return hess.movedim(len(out_shape) + len(p.in_shape), 0)
-
-
-def _loop_grad_grad(p: Problem, chunk: int | None) -> Tensor:
-    # No vmap anywhere (also no is_grads_batched): one autograd.grad per output element, then
-    # one per (output element, input element). For f that vmap cannot run.
+    # torch.func): each output element's differentiable per-sample gradient, seeded with e_i on
+    # every sample, gives row i of every H[b, k]; `chunk` rows per vectorized backward pass.
     with torch.enable_grad():
         x = grad_input(p)
         y = p.f(x)
@@ -64,14 +49,15 @@ def _loop_grad_grad(p: Problem, chunk: int | None) -> Tensor:
         grads = gradient_list(y, x)
         if grads is None:
             return zeros_result(p, out_shape)
-        rows = []
-        for g in grads:
-            flat = g.reshape(p.batch, -1)
-            rows += [torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True, create_graph=p.create_graph,
-                                         materialize_grads=True)[0] if g.requires_grad else torch.zeros_like(x)
-                     for i in range(p.n)]
-    hess = torch.stack(rows).view(*out_shape, *p.in_shape, *x.shape)
+        rows = [input_basis_rows(g, x, start, stop, p.create_graph) for g in grads for start, stop in spans(p.n, chunk)]
+    hess = torch.cat(rows).view(*out_shape, *p.in_shape, *x.shape)  # (*out, *in, B, *in)
     return hess.movedim(len(out_shape) + len(p.in_shape), 0)
+
+
+def _loop_grad_grad(p: Problem, chunk: int | None) -> Tensor:
+    # One plain autograd.grad per output element, then per (output, input) element: no vmap
+    # anywhere (not even is_grads_batched), for f whose backward vmap cannot run.
+    return _sum_grad_grad(p, 1)
 
 
 def _full_hessian(p: Problem, chunk: int | None) -> Tensor:
@@ -97,8 +83,13 @@ def _reverse_memory(s: Sizes, chunk: int | None) -> int:
     return double_pass_memory(s, c, s.batch * s.n, "hessian")
 
 
+def _grad_grad_memory(s: Sizes, chunk: int | None) -> int:
+    c = chunk or s.n
+    return double_pass_memory(s, c, s.batch * s.n, "hessian") + s.m * s.activations
+
+
 def _loop_memory(s: Sizes, chunk: int | None) -> int:
-    return double_pass_memory(s, 1, s.batch * s.n, "hessian") + s.tensor(s.m, s.n, s.batch, s.n)
+    return _grad_grad_memory(s, 1)
 
 
 def _full_memory(s: Sizes, chunk: int | None) -> int:
@@ -131,7 +122,7 @@ register(Strategy(
             "the batch, of the reverse-mode gradient of the batch-summed output",
 ))
 register(Strategy(
-    name="sum_grad_grad", ops=HESSIAN, run=_sum_grad_grad, memory=_reverse_memory, basis=_pair_basis,
+    name="sum_grad_grad", ops=HESSIAN, run=_sum_grad_grad, memory=_grad_grad_memory, basis=_in_basis,
     needs=frozenset({BATCH_INDEPENDENT}),
     summary="reverse over reverse with the batch trick in plain autograd (is_grads_batched)",
 ))
@@ -149,7 +140,13 @@ register(Strategy(
 
 
 def _heuristic(s: Sizes) -> list[str]:
-    return ["sum_grad_grad", "sum_fwd_rev", "vmap_fwd_rev", "vmap_rev_rev", "loop_grad_grad"]
+    # Measured on CPU (benchmarks/second_order.py, tanh MLP): the forward Hessian (n^2 carried
+    # per unit) wins when n <= 4 m; double backward vectorized over the input basis otherwise,
+    # with forward over reverse close behind for vector outputs.
+    order = ["sum_grad_grad", "vmap_fwd_rev", "sum_fwd_rev", "loop_grad_grad", "vmap_rev_rev"]
+    if s.m == 1:
+        order = ["sum_grad_grad", "loop_grad_grad", "vmap_rev_rev", "vmap_fwd_rev", "sum_fwd_rev"]
+    return ["forward_hessian", *order] if s.n <= 4 * s.m else [*order, "forward_hessian"]
 
 
 set_heuristic("hessian", _heuristic)

@@ -12,8 +12,8 @@ from torch import Tensor
 from torch.func import jvp
 
 from ..problem import Problem, Sizes
-from .basis import batch_first, grad_input, one_hot_rows, own_sample_rows, spans, vjp_basis
-from .curvature import batched_grad, double_pass_memory, gradient_list, gradient_rows, summed_jacobian, zeros_result
+from .basis import batch_first, grad_input, own_sample_rows, vjp_basis
+from .curvature import double_pass_memory, gradient_list, summed_jacobian, zeros_result
 from .registry import BATCH_INDEPENDENT, Strategy, register, set_heuristic
 
 HVP = frozenset({"hvp"})
@@ -36,25 +36,10 @@ def _hvp_rev_fwd(p: Problem, chunk: int | None) -> Tensor:
     return batch_first(hv, hv.dim() - p.x.dim())
 
 
-def _hvp_grad_grad(p: Problem, chunk: int | None) -> Tensor:
-    # Reverse over reverse (double backward) in plain autograd: seed gradient row k with v.
-    with torch.enable_grad():
-        x = grad_input(p)
-        y = p.f(x)
-        out_shape = tuple(y.shape[1:])
-        rows = gradient_rows(y, x)  # (m, B, *in)
-        if rows is None or not rows.requires_grad:
-            return zeros_result(p, out_shape)
-        m = rows.shape[0]
-        pieces = []
-        for start, stop in spans(m, chunk):
-            pick = one_hot_rows(start, stop, (m,), x).view(stop - start, m, *(1,) * x.dim())
-            pieces.append(batched_grad(rows, x, pick * p.v, p.create_graph))  # (c, B, *in)
-    return batch_first(torch.cat(pieces).view(*out_shape, *x.shape), len(out_shape))
-
-
-def _loop_hvp(p: Problem, chunk: int | None) -> Tensor:
-    # Double backward with one plain autograd.grad per output element and level; no vmap.
+def _hvp_rev_rev(p: Problem, chunk: int | None) -> Tensor:
+    # Reverse over reverse (double backward) in plain autograd, no vmap anywhere: each output
+    # element's differentiable per-sample gradient, seeded with v. (Seeding all output elements
+    # at once by is_grads_batched costs m times the work: measured never faster.)
     with torch.enable_grad():
         x = grad_input(p)
         y = p.f(x)
@@ -109,14 +94,9 @@ register(Strategy(
     summary="reverse over forward: gradient of the batch-summed jvp along v",
 ))
 register(Strategy(
-    name="hvp_grad_grad", ops=HVP, run=_hvp_grad_grad, memory=_vector_memory, basis=_out_basis,
+    name="hvp_rev_rev", ops=HVP, run=_hvp_rev_rev, memory=_loop_memory,
     needs=frozenset({BATCH_INDEPENDENT}),
-    summary="reverse over reverse (double backward) in plain autograd, output elements vectorized",
-))
-register(Strategy(
-    name="loop_hvp", ops=HVP, run=_loop_hvp, memory=_loop_memory,
-    needs=frozenset({BATCH_INDEPENDENT}),
-    summary="double backward, one autograd.grad per output element and level; no vmap",
+    summary="reverse over reverse (double backward), one autograd.grad per output element and level; no vmap",
 ))
 register(Strategy(
     name="full_hvp", ops=HVP, run=_full_hvp, memory=_full_memory,
@@ -127,7 +107,12 @@ register(Strategy(
 
 
 def _heuristic(s: Sizes) -> list[str]:
-    return ["hvp_grad_grad", "loop_hvp", "hvp_fwd_rev", "hvp_rev_fwd"]
+    # Measured on CPU (benchmarks/second_order.py, tanh MLP): carrying J forward costs about n
+    # forward passes, double backward about 4 per output element, so the forward pass wins when
+    # n <= 4 m; otherwise double backward, then reverse over forward.
+    if s.n <= 4 * s.m:
+        return ["forward_hvp", "hvp_rev_rev", "hvp_rev_fwd", "hvp_fwd_rev"]
+    return ["hvp_rev_rev", "hvp_rev_fwd", "hvp_fwd_rev", "forward_hvp"]
 
 
 set_heuristic("hvp", _heuristic)
