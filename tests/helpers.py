@@ -12,6 +12,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, **TOLERANCES[expected.dtype])
 
 
+def chunks_to_try(strategy, batch: int, n: int, m: int) -> list:
+    """Every chunk size the strategy offers for these sizes, plus 2 (a chunk that leaves a short
+    last piece) for strategies that vectorize over a basis; None (all at once) first."""
+    from autojac.problem import Sizes
+
+    chunks = set(strategy.chunk_options(Sizes(batch=batch, n=n, m=m, itemsize=4, activations=0)))
+    if strategy.basis is not None:
+        chunks.add(2)
+    return sorted(chunks, key=lambda c: (c is not None, c or 0))
+
+
 def loop_jacobian(f, x: torch.Tensor) -> torch.Tensor:
     """(B, *out, *in) by an explicit loop of torch.autograd.functional.jacobian over samples."""
     rows = [torch.autograd.functional.jacobian(lambda xi: f(xi.unsqueeze(0)).squeeze(0), x[b].detach())

@@ -12,7 +12,8 @@ from autojac.strategies import for_op, get
 from autojac.strategies.curvature import result_bytes
 from autojac.strategies.forward_laplacian import ACTIVATIONS
 
-from helpers import MatrixOut, assert_close, centered, coupled_hessian, loop_hessian, mlp, second_order_reference
+from helpers import MatrixOut, assert_close, centered, chunks_to_try, coupled_hessian, loop_hessian, mlp, \
+    second_order_reference
 
 OPS = ("hessian", "hvp", "hessian_diag", "laplacian")
 STRATEGIES = [(op, s) for op in OPS for s in for_op(op)]
@@ -47,14 +48,6 @@ def _case(name: str, dtype: torch.dtype):
     return f, x, v, hessian
 
 
-def _chunks(strategy, problem: Problem, out_numel: int):
-    sizes = Sizes(batch=problem.batch, n=problem.n, m=out_numel, itemsize=4, activations=0)
-    chunks = set(strategy.chunk_options(sizes))
-    if strategy.basis is not None:
-        chunks.add(2)  # a chunk that does not divide the basis: the last chunk is short
-    return sorted(chunks, key=lambda c: (c is not None, c or 0))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("op, strategy", STRATEGIES, ids=lambda s: getattr(s, "name", s))
@@ -66,7 +59,7 @@ def test_strategy_matches_the_reference(op, strategy, case, dtype):
         return
     expected = second_order_reference(op, hessian, problem.in_shape, v)
     out_numel = int(torch.Size(hessian.shape[1: hessian.dim() - 2 * len(problem.in_shape)]).numel())
-    for chunk in _chunks(strategy, problem, out_numel):
+    for chunk in chunks_to_try(strategy, problem.batch, problem.n, out_numel):
         result = strategy(problem, chunk)
         assert result.shape == expected.shape, (strategy.name, chunk)
         assert result.dtype == dtype and not result.requires_grad

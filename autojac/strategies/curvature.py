@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Problem, Sizes, result_shape
-from .basis import Fn, batched_grad, one_hot_rows, vjp_basis
+from .basis import Fn, batched_grad, grad_input, one_hot_rows, vjp_basis
 
 OPS_DIAGONAL = frozenset({"hessian_diag", "laplacian"})
 
@@ -36,14 +36,18 @@ def input_basis_rows(grad: Tensor, x: Tensor, start: int, stop: int, create_grap
     return batched_grad(grad, x, seeds.expand(-1, batch, *in_shape), create_graph)
 
 
-def gradient_list(y: Tensor, x: Tensor) -> list[Tensor] | None:
-    """[d(sum_b y[b, k]) / dx for each output element k], each (B, *in) and kept differentiable:
-    one plain autograd.grad per output element (no vmap); None if y ignores x."""
+def output_gradients(p: Problem) -> tuple[Tensor, tuple[int, ...], list[Tensor] | None]:
+    """Under torch.enable_grad(): the x to differentiate w.r.t. (grad_input), f's per-sample output
+    shape, and [d(sum_b y[b, k]) / dx for each output element k], each (B, *in) and kept
+    differentiable: one plain autograd.grad per output element (no vmap); None if y ignores x."""
+    x = grad_input(p)
+    y = p.f(x)
     if not y.requires_grad:
-        return None
+        return x, tuple(y.shape[1:]), None
     summed = y.sum(0).reshape(-1)
-    return [torch.autograd.grad(summed[k], x, retain_graph=True, create_graph=True, materialize_grads=True)[0]
-            for k in range(summed.numel())]
+    grads = [torch.autograd.grad(summed[k], x, retain_graph=True, create_graph=True, materialize_grads=True)[0]
+             for k in range(summed.numel())]
+    return x, tuple(y.shape[1:]), grads
 
 
 def zeros_result(p: Problem, out_shape: tuple[int, ...]) -> Tensor:

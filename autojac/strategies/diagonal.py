@@ -14,8 +14,8 @@ from torch import Tensor
 from torch.func import jvp, vmap
 
 from ..problem import Problem, Sizes
-from .basis import grad_input, one_hot_rows, spans
-from .curvature import (OPS_DIAGONAL, diagonal_of, double_pass_memory, finish_diagonal, gradient_list,
+from .basis import one_hot_rows, spans
+from .curvature import (OPS_DIAGONAL, diagonal_of, double_pass_memory, finish_diagonal, output_gradients,
                         input_basis_rows, summed_jacobian, zeros_result)
 from .hessian import _vmap_fwd_rev
 from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
@@ -56,10 +56,7 @@ def _grad_grad_diag(p: Problem, chunk: int | None) -> Tensor:
     # Reverse over reverse in plain autograd: rows of every H[b, k] from output k's
     # differentiable per-sample gradient seeded with e_i on every sample, keeping entry i.
     with torch.enable_grad():
-        x = grad_input(p)
-        y = p.f(x)
-        out_shape = tuple(y.shape[1:])
-        grads = gradient_list(y, x)
+        x, out_shape, grads = output_gradients(p)
         if grads is None:
             return zeros_result(p, out_shape)
         pieces = []

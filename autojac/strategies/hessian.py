@@ -12,7 +12,7 @@ from torch.func import vmap
 
 from ..problem import Problem, Sizes
 from .basis import batch_first, grad_input, jvp_basis, one_sample, own_sample_rows, spans, vjp_basis
-from .curvature import (OPS_DIAGONAL, diagonal_of, double_pass_memory, finish_diagonal, gradient_list,
+from .curvature import (OPS_DIAGONAL, diagonal_of, double_pass_memory, finish_diagonal, output_gradients,
                         input_basis_rows, summed_jacobian, zeros_result)
 from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
 
@@ -43,10 +43,7 @@ def _sum_grad_grad(p: Problem, chunk: int | None) -> Tensor:
     # torch.func): each output element's differentiable per-sample gradient, seeded with e_i on
     # every sample, gives row i of every H[b, k]; `chunk` rows per vectorized backward pass.
     with torch.enable_grad():
-        x = grad_input(p)
-        y = p.f(x)
-        out_shape = tuple(y.shape[1:])
-        grads = gradient_list(y, x)
+        x, out_shape, grads = output_gradients(p)
         if grads is None:
             return zeros_result(p, out_shape)
         rows = [input_basis_rows(g, x, start, stop, p.create_graph) for g in grads for start, stop in spans(p.n, chunk)]

@@ -13,7 +13,7 @@ from torch.func import jvp
 
 from ..problem import Problem, Sizes
 from .basis import batch_first, grad_input, own_sample_rows, vjp_basis
-from .curvature import double_pass_memory, gradient_list, summed_jacobian, zeros_result
+from .curvature import double_pass_memory, output_gradients, summed_jacobian, zeros_result
 from .registry import BATCH_INDEPENDENT, Strategy, register, set_heuristic
 
 HVP = frozenset({"hvp"})
@@ -41,10 +41,7 @@ def _hvp_rev_rev(p: Problem, chunk: int | None) -> Tensor:
     # element's differentiable per-sample gradient, seeded with v. (Seeding all output elements
     # at once by is_grads_batched costs m times the work: measured never faster.)
     with torch.enable_grad():
-        x = grad_input(p)
-        y = p.f(x)
-        out_shape = tuple(y.shape[1:])
-        grads = gradient_list(y, x)
+        x, out_shape, grads = output_gradients(p)
         if grads is None:
             return zeros_result(p, out_shape)
         rows = [torch.autograd.grad(g, x, p.v, retain_graph=True, create_graph=p.create_graph,
