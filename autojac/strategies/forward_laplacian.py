@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from ..problem import Problem, Sizes
 from .curvature import OPS_DIAGONAL
-from .registry import Strategy, register
+from .registry import BATCH_INDEPENDENT, Strategy, register
 
 Derivatives = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]  # (module, z, s(z)) -> (s', s'')
 
@@ -201,19 +201,19 @@ def _memory(carried: Callable[[int], int], result_tail: Callable[[int], int]) ->
 
 register(Strategy(
     name="forward_laplacian", ops=OPS_DIAGONAL, run=_run, memory=_memory(lambda n: n, lambda n: n),
-    applies=_applies,
+    applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
     summary="one forward pass carrying value, Jacobian and Laplacian (or Hessian diagonal) through an "
             "nn.Sequential of Linear and elementwise activations",
 ))
 register(Strategy(
     name="forward_hessian", ops=frozenset({"hessian"}), run=_run, memory=_memory(lambda n: 2 * n * n, lambda n: n * n),
-    applies=_applies,
+    applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
     summary="one forward pass carrying value, Jacobian and Hessian through an nn.Sequential of Linear and "
             "elementwise activations",
 ))
 register(Strategy(
     name="forward_hvp", ops=frozenset({"hvp"}), run=_run, memory=_memory(lambda n: n, lambda n: n),
-    applies=_applies,
+    applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
     summary="one forward pass carrying value, Jacobian and Hessian-vector product through an nn.Sequential "
             "of Linear and elementwise activations",
 ))
