@@ -96,13 +96,25 @@ def test_the_coupled_strategies_are_exact_for_a_batch_coupled_function(op):
 def test_forward_strategies_know_each_activations_derivatives(activation):
     torch.manual_seed(0)
     f = nn.Sequential(nn.Linear(3, 5), activation, nn.Sequential(nn.Linear(5, 5), activation), nn.Linear(5, 2))
-    f = f.double()
+    _check_forward_strategies(f.double())
+
+
+def _check_forward_strategies(f: nn.Module) -> None:
     x, v = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
     hessian = loop_hessian(f, x)
     for op in OPS:
         strategy = get({"hessian": "forward_hessian", "hvp": "forward_hvp"}.get(op, "forward_laplacian"), op)
         result = strategy(Problem(op, f, x, v if op == "hvp" else None))
         assert_close(result, second_order_reference(op, hessian, (3,), v))
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: nn.Sequential(nn.Tanh(), nn.Linear(3, 2)),  # J is still the identity at the first activation
+    lambda: nn.Sequential(nn.SiLU()),  # no linear layer at all
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Sigmoid()),  # activations back to back
+], ids=["activation_first", "activation_only", "two_activations"])
+def test_forward_strategies_handle_any_order_of_layers(factory):
+    _check_forward_strategies(factory().double())
 
 
 @pytest.mark.parametrize("f, reason", [

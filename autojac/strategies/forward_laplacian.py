@@ -159,21 +159,26 @@ def _linear(c: _Carry, layer: nn.Linear) -> _Carry:
                   None if c.second is None else c.second @ weight_t)
 
 
+# Dimensions of S between the batch and the units, per operation.
+_INNER_DIMS = {"laplacian": 0, "hessian_diag": 1, "hvp": 1, "hessian": 2}
+
+
 def _activation(c: _Carry, layer: nn.Module, p: Problem) -> _Carry:
     z = c.h
     a = layer(z)
     first, second = ACTIVATIONS[type(layer)](layer, z, a)  # (B, d) each
-    jac_in = c.jac.expand(z.shape[0], *c.jac.shape[-2:])  # (B, n, d)
-    product = _first_products(p, jac_in)  # J x J, shaped like S
-    s2 = second.view(second.shape[0], *(1,) * (product.dim() - 2), -1)
+    # J x J, shaped like S; from a J shared by every sample it is formed once and broadcast.
+    product = _first_products(p, c.jac)
+    s2 = second.view(second.shape[0], *(1,) * _INNER_DIMS[p.op], -1)
     new = s2 * product
     if c.second is not None:
         new = new + first.view_as(s2) * c.second
-    return _Carry(a, first[:, None, :] * jac_in, new)
+    return _Carry(a, first[:, None, :] * c.jac, new)
 
 
 def _first_products(p: Problem, jac: Tensor) -> Tensor:
-    """The second-order term an activation adds, before its s'': shaped like S."""
+    """The second-order term an activation adds, before its s'': shaped like S (or like S without
+    its batch dimension, for a J (n, d) shared by every sample)."""
     if p.op == "laplacian":
         return (jac * jac).sum(-2)
     if p.op == "hessian_diag":
