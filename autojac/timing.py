@@ -107,19 +107,26 @@ class TuneSettings:
 
 
 def compare(fns: dict[str, Callable[[], object]], clock: Clock | None = None, *, min_time: float = 0.2,
-            max_repeats: int = 1000, warmup: int = 1) -> dict[str, Samples]:
+            max_repeats: int = 1000, warmup: int = 1, min_repeats: int = 1) -> dict[str, Samples]:
     """Time several functions side by side: warm-up, then interleaved rounds until each has run
-    for `min_time` seconds (or `max_repeats` times). Returns their samples, by name."""
+    for `min_time` seconds and `min_repeats` times (or `max_repeats` times). Each round starts one
+    further along, so that no function always runs right after the same one. Returns their
+    samples, by name."""
     clock = clock or Clock()
     for fn in fns.values():
         for _ in range(warmup):
             timed(clock, fn)
     samples = {name: Samples() for name in fns}
     active = dict(fns)
+    rounds = 0
     while active:
-        for name, fn in list(active.items()):
-            _, seconds = timed(clock, fn)
-            samples[name].add(seconds)
-            if samples[name].total >= min_time or len(samples[name].seconds) >= max_repeats:
+        names = list(active)
+        start = rounds % len(names)
+        rounds += 1
+        for name in names[start:] + names[:start]:
+            _, seconds = timed(clock, active[name])
+            taken = samples[name]
+            taken.add(seconds)
+            if (taken.total >= min_time and len(taken.seconds) >= min_repeats) or len(taken.seconds) >= max_repeats:
                 del active[name]
     return samples

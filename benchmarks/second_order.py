@@ -33,6 +33,7 @@ OPS = ("hessian", "hvp", "hessian_diag", "laplacian")
 HIDDEN = 64
 FULL_HESSIAN_LIMIT = 2**30  # bytes: the whole-batch Hessian is not attempted above this
 HOPELESS = 10.0  # a contender this many times slower than the best single call is timed once only
+MIN_REPEATS = 5  # timed calls per contender at the least (the median of one call is noise)
 MEMORY_SHARE = 0.1  # of the available RAM per candidate (autojac's default is 0.5): the machine is shared
 
 
@@ -63,15 +64,15 @@ def baselines(op: str, f: nn.Module, x: Tensor, v: Tensor, create_graph: bool) -
         return found
     per_sample = torch.func.vmap(torch.func.hessian(one_sample(f)))
     found["vmap(hessian)"] = lambda: finish(op, per_sample(x), v)
-    if op in ("hessian_diag", "laplacian") and (batch * n) ** 2 * x.element_size() * 4 <= FULL_HESSIAN_LIMIT:
+    small = (batch * n) ** 2 * x.element_size() * 4 <= FULL_HESSIAN_LIMIT
+    if op in ("hessian_diag", "laplacian") and small and not create_graph:  # kept differentiable it takes minutes
         m = f[-1].out_features
         rows = torch.arange(batch)
 
         def whole_batch() -> Tensor:
             blocks = []
             for k in range(m):
-                full = torch.autograd.functional.hessian(lambda z: f(z)[:, k].sum(), x, vectorize=True,
-                                                        create_graph=create_graph)
+                full = torch.autograd.functional.hessian(lambda z: f(z)[:, k].sum(), x, vectorize=True)
                 blocks.append(full[rows, :, rows, :])  # (B, n, n)
             return finish(op, torch.stack(blocks, 1), v)
 
@@ -127,7 +128,7 @@ def measure(op: str, batch: int, n: int, m: int, create_graph: bool, min_time: f
         single[name] = timed(Clock(), fn)[1]
     best_single = min(single.values())
     hopeful = {name: fn for name, fn in contenders.items() if single[name] <= HOPELESS * best_single}
-    samples = compare(hopeful, min_time=min_time, max_repeats=30)
+    samples = compare(hopeful, min_time=min_time, max_repeats=30, min_repeats=MIN_REPEATS)
     times = {name: (samples[name].median if name in samples else single[name]) for name in contenders}
     return dict(op=op, batch=batch, n=n, m=m, create_graph=create_graph, plan=plan.label,
                 tuning_seconds=tuning, times=times, once={k: k not in samples for k in contenders})
@@ -185,8 +186,13 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=0.1, help="seconds of timing per contender")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 by default: on a shared machine more threads mostly add noise)")
-    parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--out", help="write the figures as JSON here (after every shape)")
+    parser.add_argument("--report", help="only print the report of a JSON file written by --out")
     args = parser.parse_args()
+    if args.report:
+        with open(args.report) as saved:
+            print("\n".join(report(json.load(saved))))
+        return
     torch.set_num_threads(args.threads)
     memory.SAFETY = MEMORY_SHARE
     batches, widths, outs = ((32,), (2, 16), (1, 8)) if args.quick else ((32, 512), (2, 16, 128), (1, 8))
@@ -199,12 +205,12 @@ def main() -> None:
                     for m in outs:
                         row = measure(op, batch, n, m, create_graph, args.min_time)
                         rows.append(row)
+                        if args.out:  # after every shape, so that an interrupted run keeps what it measured
+                            with open(args.out, "w") as out:
+                                json.dump(rows, out, indent=1)
                         print(f"{op} B={batch} n={n} m={m} create_graph={create_graph}: {row['plan']} "
                               f"{row['times']['autojac'] * 1e3:.3f} ms", flush=True)
     print("\n".join(report(rows)))
-    if args.out:
-        with open(args.out, "w") as out:
-            json.dump(rows, out, indent=1)
 
 
 if __name__ == "__main__":

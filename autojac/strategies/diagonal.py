@@ -1,7 +1,8 @@
 """Per-sample Hessian diagonals (B, *out, *in) and Laplacians (B, *out), their sums.
 
-Each strategy computes the diagonal d[b, k, i] = d^2 f(x)[b, k] / d x[b, i]^2, `chunk`
-input coordinates (or (output, input) pairs) per vectorized pass, and a Laplacian sums it.
+Each strategy computes the diagonal d[b, k, i] = d^2 f(x)[b, k] / d x[b, i]^2, `chunk` input
+coordinates per vectorized pass, and a Laplacian sums it over i. The forward Laplacian, which
+serves both for the models it recognizes, lives in forward_laplacian.py.
 Sizes: B samples, n input and m output elements per sample.
 """
 
@@ -17,7 +18,7 @@ from ..problem import Problem, Sizes
 from .basis import one_hot_rows, spans
 from .curvature import (OPS_DIAGONAL, diagonal_of, double_pass_memory, finish_diagonal, output_gradients,
                         input_basis_rows, summed_jacobian, zeros_result)
-from .hessian import _vmap_fwd_rev
+from .hessian import vmap_fwd_rev
 from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
 
 
@@ -76,7 +77,7 @@ def _loop_diag(p: Problem, chunk: int | None) -> Tensor:
 
 def _vmap_hessian_diag(p: Problem, chunk: int | None) -> Tensor:
     # The diagonal of the whole per-sample Hessian from vmap(torch.func.hessian).
-    return finish_diagonal(p, diagonal_of(_vmap_fwd_rev(p, chunk), p.in_shape))
+    return finish_diagonal(p, diagonal_of(vmap_fwd_rev(p, chunk), p.in_shape))
 
 
 def _forward_memory(s: Sizes, chunk: int | None) -> int:

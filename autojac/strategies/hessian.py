@@ -19,8 +19,9 @@ from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
 HESSIAN = frozenset({"hessian"})
 
 
-def _vmap_fwd_rev(p: Problem, chunk: int | None) -> Tensor:
-    # torch.func.hessian per sample: forward mode (c tangents at a time) over reverse mode.
+def vmap_fwd_rev(p: Problem, chunk: int | None) -> Tensor:
+    """vmap(torch.func.hessian(f)) over the samples: forward mode (chunk tangents at a time) over
+    reverse mode; (B, *out, *in, *in). Also the base of the diagonal strategy vmap_hessian_diag."""
     f_one = one_sample(p.f)
     return vmap(lambda xi: jvp_basis(lambda z: vjp_basis(f_one, z, None), xi, chunk))(p.x)
 
@@ -103,7 +104,7 @@ def _pair_basis(s: Sizes) -> int:
 
 
 register(Strategy(
-    name="vmap_fwd_rev", ops=HESSIAN, run=_vmap_fwd_rev, memory=_forward_memory, basis=_in_basis,
+    name="vmap_fwd_rev", ops=HESSIAN, run=vmap_fwd_rev, memory=_forward_memory, basis=_in_basis,
     needs=frozenset({BATCH_INDEPENDENT, VMAP}),
     summary="vmap over samples of forward-over-reverse on one sample (vmap(torch.func.hessian(f)))",
 ))
