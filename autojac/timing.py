@@ -6,6 +6,7 @@ Tests inject a fake `Clock` to give candidates known costs without timing anythi
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -109,21 +110,21 @@ class TuneSettings:
 def compare(fns: dict[str, Callable[[], object]], clock: Clock | None = None, *, min_time: float = 0.2,
             max_repeats: int = 1000, warmup: int = 1, min_repeats: int = 1) -> dict[str, Samples]:
     """Time several functions side by side: warm-up, then interleaved rounds until each has run
-    for `min_time` seconds and `min_repeats` times (or `max_repeats` times). Each round starts one
-    further along, so that no function always runs right after the same one. Returns their
-    samples, by name."""
+    for `min_time` seconds and `min_repeats` times (or `max_repeats` times). Each round runs them
+    in a new order (seeded: the same every time), because a call is slower right after one that
+    evicted the caches: in a fixed order a function always pays for the same neighbour. Returns
+    their samples, by name."""
     clock = clock or Clock()
     for fn in fns.values():
         for _ in range(warmup):
             timed(clock, fn)
     samples = {name: Samples() for name in fns}
     active = dict(fns)
-    rounds = 0
+    order = random.Random(0)
     while active:
         names = list(active)
-        start = rounds % len(names)
-        rounds += 1
-        for name in names[start:] + names[:start]:
+        order.shuffle(names)
+        for name in names:
             _, seconds = timed(clock, active[name])
             taken = samples[name]
             taken.add(seconds)

@@ -153,13 +153,15 @@ def report(rows: list[dict]) -> list[str]:
                          f"baselines' medians over autojac's")
             lines.append(f"{'B':>4} {'n':>4} {'m':>2}  {'autojac':>9} {'choice':<22} {'best fixed':>9} {'(name)':<22} "
                          f"{'ours/best':>9} {'(fastest)':>9} {'vmap(hess)':>10} {'full-batch':>10}")
-            ratios, fastest_ratios, per_strategy = [], [], {}
+            ratios, fastest_ratios, choice_ratios, twin_ratios, per_strategy = [], [], [], [], {}
             for r in mine:
                 times, fastest = r["times"], r.get("fastest", r["times"])
                 fixed = {k: t for k, t in times.items() if k != "autojac" and k not in BASELINES}
                 best_name = min(fixed, key=fixed.get)
                 ours = times["autojac"]
                 ratios.append(ours / fixed[best_name])
+                choice_ratios.append(fixed.get(r["plan"], ours) / fixed[best_name])
+                twin_ratios.append(ours / fixed.get(r["plan"], ours))
                 fastest_ratios.append(fastest["autojac"] / min(fastest[k] for k in fixed))
                 for name, t in fixed.items():
                     per_strategy.setdefault(name.split("[")[0], []).append(t / fixed[best_name])
@@ -174,6 +176,9 @@ def report(rows: list[dict]) -> list[str]:
                         f"{ratio:.1f}x faster than {k}" for k, ratio in others.items()))
             lines.append(f"geometric mean of autojac / best fixed: {_geomean(ratios):.3f} by medians (worst "
                          f"{max(ratios):.2f}), {_geomean(fastest_ratios):.3f} by fastest calls, over {len(ratios)} shapes")
+            lines.append(f"  autojac's choice, named as a fixed strategy, over the best: {_geomean(choice_ratios):.3f} "
+                         f"(worst {max(choice_ratios):.2f}); autojac over that same strategy named: "
+                         f"{_geomean(twin_ratios):.3f} (the same work: overhead and noise)")
             for name, slow in sorted(per_strategy.items(), key=lambda kv: _geomean(kv[1])):
                 lines.append(f"  fixed {name:<20} geometric-mean slowdown {_geomean(slow):6.2f} "
                              f"worst {max(slow):7.2f} over {len(slow)} shapes")

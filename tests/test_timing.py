@@ -11,7 +11,7 @@ class FakeClock(Clock):
         return self.t
 
 
-def test_compare_rotates_the_order_and_honours_min_repeats():
+def test_compare_shuffles_each_round_and_honours_min_repeats():
     clock, calls = FakeClock(), []
 
     def costing(name, seconds):
@@ -20,10 +20,15 @@ def test_compare_rotates_the_order_and_honours_min_repeats():
             clock.t += seconds
         return run
 
-    fns = {"a": costing("a", 1.0), "b": costing("b", 1.0), "c": costing("c", 1.0)}
-    samples = compare(fns, clock, min_time=0.5, min_repeats=4, warmup=1)
-    assert {name: len(s.seconds) for name, s in samples.items()} == {"a": 4, "b": 4, "c": 4}
-    rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]  # after the warm-up round
-    assert [r[0] for r in rounds] == ["a", "b", "c", "a"]  # no function always runs after the same one
-    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    fns = {name: costing(name, 1.0) for name in "abcd"}
+    samples = compare(fns, clock, min_time=0.5, min_repeats=12, warmup=1)
+    assert {name: len(s.seconds) for name, s in samples.items()} == dict.fromkeys("abcd", 12)
+    rounds = [calls[i:i + 4] for i in range(4, len(calls), 4)]  # after the warm-up round
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    # no function always runs right after the same one
+    before_a = {r[r.index("a") - 1] for r in rounds if r.index("a") > 0}
+    assert len(before_a) > 1
     assert samples["a"].median == 1.0
+    calls.clear()
+    compare(fns, clock, min_time=0.5, min_repeats=12, warmup=1)
+    assert [calls[i:i + 4] for i in range(4, len(calls), 4)] == rounds  # seeded: the same order every time
