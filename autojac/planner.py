@@ -408,7 +408,8 @@ class Planner:
                 f"draw anyway, name a strategy, e.g. strategy='sum_rev'"
             )
         sizes = Sizes(batch=sig.batch, n=problem.n, m=_numel(probes.out_shape),
-                      itemsize=problem.x.element_size(), activations=probes.activations)
+                      itemsize=problem.x.element_size(), activations=probes.activations,
+                      create_graph=sig.create_graph)
         budget = memory.budget_bytes(problem.x.device)
         pool, excluded = candidates(sig.op, sizes, probes, create_graph=sig.create_graph, budget=budget,
                                     problem=problem)

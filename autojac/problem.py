@@ -45,6 +45,7 @@ class Sizes:
     m: int  # output elements per sample
     itemsize: int  # bytes per element of x's dtype
     activations: int  # bytes f saves for backward over the whole batch (measured once)
+    create_graph: bool = False  # results must stay differentiable: heuristics order differently
 
     def tensor(self, *dims: int) -> int:
         """Bytes of a tensor with these dimensions in x's dtype."""

@@ -144,9 +144,17 @@ def test_with_tuning_off_the_heuristics_first_applicable_strategy_runs(op):
 
 def test_heuristic_tables_name_registered_strategies():
     for op in OPS:
-        for sizes in (Sizes(32, 2, 1, 4, 0), Sizes(512, 128, 8, 4, 0)):
+        for sizes in (Sizes(32, 2, 1, 4, 0), Sizes(512, 128, 8, 4, 0), Sizes(512, 128, 1, 4, 0, create_graph=True),
+                      Sizes(32, 16, 8, 4, 0, create_graph=True)):
             order = heuristic_order(op, sizes)
             assert set(order) == set(names(op)) and len(order) == len(set(order))
+
+
+def test_the_heuristic_knows_whether_the_result_must_stay_differentiable():
+    f, x = (lambda z: torch.sin(z).sum(-1)), torch.randn(4, 20)
+    assert autojac.explain(f, x, op="hessian", tune=False).strategy == "sum_grad_grad"
+    # differentiating a vmapped double backward again is slow: another order when create_graph
+    assert autojac.explain(f, x, op="hessian", tune=False, create_graph=True).strategy == "vmap_rev_rev"
 
 
 def test_x_and_its_graph_are_left_untouched():

@@ -134,11 +134,16 @@ register(Strategy(
 
 def _heuristic(s: Sizes) -> list[str]:
     # Measured on CPU (benchmarks/second_order.py, tanh MLP): the forward Laplacian wins
-    # wherever it applies (6x to 100x); for other f, double backward for scalar outputs, nested
-    # forward mode (its cost does not grow with m) for vector outputs.
-    if s.m == 1:
-        return ["forward_laplacian", "grad_grad_diag", "loop_diag", "vmap_hessian_diag", "hvp_diag", "fwd_fwd_diag"]
-    return ["forward_laplacian", "fwd_fwd_diag", "grad_grad_diag", "hvp_diag", "vmap_hessian_diag", "loop_diag"]
+    # wherever it applies (2x to 100x). For other f: double backward for scalar outputs (looped
+    # rather than vectorized for wide inputs kept differentiable), nested forward mode for vector
+    # outputs (its cost does not grow with m).
+    if s.m > 1:
+        order = ["fwd_fwd_diag", "vmap_hessian_diag", "hvp_diag", "grad_grad_diag", "loop_diag"]
+    elif s.create_graph and s.n > 16:
+        order = ["loop_diag", "vmap_hessian_diag", "hvp_diag", "grad_grad_diag", "fwd_fwd_diag"]
+    else:
+        order = ["grad_grad_diag", "loop_diag", "vmap_hessian_diag", "hvp_diag", "fwd_fwd_diag"]
+    return ["forward_laplacian", *order]
 
 
 set_heuristic("hessian_diag", _heuristic)

@@ -139,11 +139,15 @@ register(Strategy(
 
 def _heuristic(s: Sizes) -> list[str]:
     # Measured on CPU (benchmarks/second_order.py, tanh MLP): the forward Hessian (n^2 carried
-    # per unit) wins when n <= 4 m; double backward vectorized over the input basis otherwise,
-    # with forward over reverse close behind for vector outputs.
-    order = ["sum_grad_grad", "vmap_fwd_rev", "sum_fwd_rev", "loop_grad_grad", "vmap_rev_rev"]
-    if s.m == 1:
-        order = ["sum_grad_grad", "loop_grad_grad", "vmap_rev_rev", "vmap_fwd_rev", "sum_fwd_rev"]
+    # per unit) wins when n <= 4 m; otherwise double backward vectorized over the input basis,
+    # unless the result must stay differentiable: differentiating its vmapped backward again is
+    # 3-5x slower at n = 128, where vmap over samples (m = 1) or forward over reverse wins.
+    if s.create_graph:
+        order = (["vmap_rev_rev", "loop_grad_grad", "sum_grad_grad", "vmap_fwd_rev", "sum_fwd_rev"] if s.m == 1
+                 else ["sum_fwd_rev", "vmap_fwd_rev", "loop_grad_grad", "sum_grad_grad", "vmap_rev_rev"])
+    else:
+        order = (["sum_grad_grad", "loop_grad_grad", "vmap_rev_rev", "vmap_fwd_rev", "sum_fwd_rev"] if s.m == 1
+                 else ["sum_grad_grad", "sum_fwd_rev", "vmap_fwd_rev", "loop_grad_grad", "vmap_rev_rev"])
     return ["forward_hessian", *order] if s.n <= 4 * s.m else [*order, "forward_hessian"]
 
 

@@ -106,10 +106,12 @@ register(Strategy(
 def _heuristic(s: Sizes) -> list[str]:
     # Measured on CPU (benchmarks/second_order.py, tanh MLP): carrying J forward costs about n
     # forward passes, double backward about 4 per output element, so the forward pass wins when
-    # n <= 4 m; otherwise double backward, then reverse over forward.
-    if s.n <= 4 * s.m:
-        return ["forward_hvp", "hvp_rev_rev", "hvp_rev_fwd", "hvp_fwd_rev"]
-    return ["hvp_rev_rev", "hvp_rev_fwd", "hvp_fwd_rev", "forward_hvp"]
+    # n <= 4 m; otherwise double backward, except for vector outputs kept differentiable, where
+    # reverse over forward (one vectorized pass) is cheaper to differentiate again.
+    order = ["hvp_rev_rev", "hvp_rev_fwd", "hvp_fwd_rev"]
+    if s.create_graph and s.m > 1:
+        order = ["hvp_rev_fwd", "hvp_rev_rev", "hvp_fwd_rev"]
+    return ["forward_hvp", *order] if s.n <= 4 * s.m else [*order, "forward_hvp"]
 
 
 set_heuristic("hvp", _heuristic)
