@@ -1,13 +1,15 @@
 """Second-order operations: autojac after tuning against every fixed candidate, vmap(hessian) and
 the full-batch Hessian, on a grid of batch size x input width x output width (a tanh MLP).
 
-    PYTHONPATH=. python benchmarks/second_order.py [--quick] [--ops laplacian,hvp] [--out figures.json]
+    PYTHONPATH=. python benchmarks/second_order.py [--quick] [--ops laplacian,hvp] [--create-graph both]
+                                                   [--out figures.json] [--report figures.json]
 
 For each operation and shape it tunes autojac (AUTOJAC_TUNE_BUDGET, default 1 s per plan), then
 times side by side, interleaved (autojac.timing.compare): autojac's cached call, each valid
-strategy as a fixed choice, and the baselines people use without autojac. With --create-graph
+strategy as a fixed choice, and the baselines people use without autojac. With --create-graph on
 each contender is timed with a backward pass of a scalar loss to the parameters (what a training
-step pays). Timings on a shared machine are noisy: read the ratios within one run.
+step pays). Timings on a shared machine are noisy: read the ratios within one run (each round of
+timing runs the contenders in a new order, and the fastest calls are reported beside the medians).
 """
 
 from __future__ import annotations
@@ -193,7 +195,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="B=32 only, n in {2, 16}")
     parser.add_argument("--ops", default=",".join(OPS))
-    parser.add_argument("--create-graph", action="store_true", help="also time derivative + backward")
+    parser.add_argument("--create-graph", choices=("off", "on", "both"), default="off",
+                        help="time the derivative (off), derivative + backward (on), or both")
     parser.add_argument("--min-time", type=float, default=0.1, help="seconds of timing per contender")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 by default: on a shared machine more threads mostly add noise)")
@@ -209,7 +212,7 @@ def main() -> None:
     batches, widths, outs = ((32,), (2, 16), (1, 8)) if args.quick else ((32, 512), (2, 16, 128), (1, 8))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tanh MLP n -> {HIDDEN} -> {HIDDEN} -> m")
     rows = []
-    for create_graph in (False, True) if args.create_graph else (False,):
+    for create_graph in {"off": (False,), "on": (True,), "both": (False, True)}[args.create_graph]:
         for op in args.ops.split(","):
             for batch in batches:
                 for n in widths:
