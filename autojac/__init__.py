@@ -1,7 +1,7 @@
 """autojac: autotuned per-sample derivatives for PyTorch."""
 
 from ._version import __version__
-from .api import explain, jacobian
+from .api import explain, hessian, hessian_diag, hvp, jacobian, laplacian
 from .errors import (AutojacError, AutojacWarning, NoCandidateError, NonDeterministicError, PlanFileError,
                      PlanRequiredError)
 from .manage import ImportCounts, cache_path, clear_cache, export_plans, import_plans, plans, warm
@@ -21,8 +21,12 @@ __all__ = [
     "clear_cache",
     "explain",
     "export_plans",
+    "hessian",
+    "hessian_diag",
+    "hvp",
     "import_plans",
     "jacobian",
+    "laplacian",
     "plans",
     "warm",
 ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import config
-from .models import Plan
+from .models import OPS, Plan
 from .planner import default_planner
-from .problem import BatchedFn, Problem, check_f, check_output, check_v, check_x
+from .problem import BatchedFn, Problem, check_f, check_output, check_v, check_x, result_shape
 from .signature import signature
 from .strategies import registry
 
@@ -32,10 +32,61 @@ def jacobian(f: BatchedFn, x: Tensor, *, strategy: str = "auto", create_graph: b
     return _compute("jacobian", f, x, None, strategy, create_graph, batch_independent, tune)
 
 
+def hessian(f: BatchedFn, x: Tensor, *, strategy: str = "auto", create_graph: bool = False,
+            batch_independent: bool | None = None, tune: bool | None = None) -> Tensor:
+    """Per-sample Hessian of each output element of f at each sample of x.
+
+    Args: as for `jacobian`.
+
+    Returns:
+        (B, *out, *in, *in): H[b, k] = d^2 f(x)[b, k] / d x[b]^2; for f returning (B,), (B, *in, *in).
+    """
+    return _compute("hessian", f, x, None, strategy, create_graph, batch_independent, tune)
+
+
+def hvp(f: BatchedFn, x: Tensor, v: Tensor, *, strategy: str = "auto", create_graph: bool = False,
+        batch_independent: bool | None = None, tune: bool | None = None) -> Tensor:
+    """Per-sample Hessian-vector product of each output element of f, without building a Hessian.
+
+    Args:
+        v: (B, *in), x's shape, dtype and device: one direction per sample.
+        The others as for `jacobian`.
+
+    Returns:
+        (B, *out, *in): Hv[b, k] = H[b, k] @ v[b]; for f returning (B,), (B, *in).
+    """
+    return _compute("hvp", f, x, v, strategy, create_graph, batch_independent, tune)
+
+
+def hessian_diag(f: BatchedFn, x: Tensor, *, strategy: str = "auto", create_graph: bool = False,
+                 batch_independent: bool | None = None, tune: bool | None = None) -> Tensor:
+    """Diagonal of each per-sample Hessian: the pure second derivatives d^2 f[b, k] / d x[b, i]^2.
+
+    Args: as for `jacobian`.
+
+    Returns:
+        (B, *out, *in); for f returning (B,), (B, *in).
+    """
+    return _compute("hessian_diag", f, x, None, strategy, create_graph, batch_independent, tune)
+
+
+def laplacian(f: BatchedFn, x: Tensor, *, strategy: str = "auto", create_graph: bool = False,
+              batch_independent: bool | None = None, tune: bool | None = None) -> Tensor:
+    """Laplacian (trace of the Hessian) of each output element of f at each sample of x.
+
+    Args: as for `jacobian`.
+
+    Returns:
+        (B, *out): sum_i d^2 f(x)[b, k] / d x[b, i]^2; for f returning (B,), (B,).
+    """
+    return _compute("laplacian", f, x, None, strategy, create_graph, batch_independent, tune)
+
+
 def explain(f: BatchedFn, x: Tensor, op: str = "jacobian", *, v: Tensor | None = None,
             create_graph: bool = False, batch_independent: bool | None = None,
             tune: bool | None = None) -> Plan:
-    """The plan that `op` uses for f at a batch shaped like x, making it if needed."""
+    """The plan that `op` ("jacobian", "hessian", "hvp" with its v, "hessian_diag" or "laplacian")
+    uses for f at a batch shaped like x, making it if needed."""
     problem, sig = _prepare(op, f, x, v, "auto", create_graph, batch_independent, tune)
     planner = default_planner()
     plan = planner.cached(sig)
@@ -64,10 +115,16 @@ def _compute(op: str, f: BatchedFn, x: Tensor, v: Tensor | None, strategy: str, 
 
 def _prepare(op: str, f: BatchedFn, x: Tensor, v: Tensor | None, strategy: str, create_graph: bool,
              batch_independent: bool | None, tune: bool | None):
+    if op not in OPS:
+        raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
     check_f(f)
     check_x(x)
     if op == "hvp":
+        if v is None:
+            raise TypeError("op='hvp' needs v, one direction per sample with x's shape (B, *in); pass v=...")
         check_v(v, x)
+    elif v is not None:
+        raise ValueError(f"v is used only by op='hvp', not by op={op!r}; leave it out")
     _check_options(strategy, create_graph, batch_independent, tune)
     problem = Problem(op, f, x, v, create_graph)
     return problem, signature(op, f, x, create_graph=create_graph, batch_independent=batch_independent)
@@ -88,11 +145,3 @@ def _empty(problem: Problem) -> Tensor:
     x = problem.x
     out_shape = check_output(problem.f(x.detach()), x)
     return x.new_zeros(result_shape(problem.op, x.shape[0], out_shape, problem.in_shape))
-
-
-def result_shape(op: str, batch: int, out_shape: tuple[int, ...], in_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of `op`'s result: (B, *out, *in) for jacobian, hvp and hessian_diag; (B, *out, *in, *in)
-    for hessian; (B, *out) for laplacian."""
-    tails = {"jacobian": in_shape, "hvp": in_shape, "hessian_diag": in_shape,
-             "hessian": in_shape + in_shape, "laplacian": ()}
-    return (batch, *out_shape, *tails[op])

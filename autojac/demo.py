@@ -3,7 +3,9 @@
 Each example is tuned (the plan says what was timed and what was ruled out), then the chosen
 strategy is timed side by side with two things people use without autojac: `vmap(jacrev)`
 (the torch.func tutorial's recipe) and the diagonal of the whole-batch Jacobian (the forum's
-answer; `torch.autograd.functional.jacobian` when it fits in memory, else chunked).
+answer; `torch.autograd.functional.jacobian` when it fits in memory, else chunked). The last
+example is second order: the Laplacian of a physics-informed network against the trace of
+`vmap(hessian)` and the diagonal of the whole-batch Hessian.
 """
 
 from __future__ import annotations
@@ -81,6 +83,27 @@ def baselines(example: Example, out_numel: int) -> dict[str, Callable[[], Tensor
     return found
 
 
+def second_order_example() -> Example:
+    torch.manual_seed(0)
+    return Example("the Laplacian of a physics-informed network u(x, t): 2 -> 64 -> 64 -> 1 (tanh), batch 256",
+                   mlp([2, 64, 64, 1]), torch.randn(256, 2))
+
+
+def laplacian_baselines(example: Example) -> dict[str, Callable[[], Tensor]]:
+    """The Laplacian (B, 1) the usual ways: the trace of vmap(torch.func.hessian), and the diagonal
+    of the whole-batch Hessian from torch.autograd.functional.hessian."""
+    f, x = example.f, example.x
+    rows = torch.arange(x.shape[0])
+    per_sample = torch.func.vmap(torch.func.hessian(one_sample(f)))
+
+    def whole_batch() -> Tensor:
+        full = torch.autograd.functional.hessian(lambda z: f(z).sum(), x, vectorize=True)  # (B, n, B, n)
+        return full[rows, :, rows, :].diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+
+    return {"vmap(hessian) trace": lambda: per_sample(x).diagonal(dim1=-2, dim2=-1).sum(-1),
+            "whole-batch Hessian diagonal": whole_batch}
+
+
 def run(min_time: float = 0.3, print_fn: Callable[[str], None] = print) -> list[dict[str, float]]:
     """Tune every example and print the plan and the speed-ups; returns the figures."""
     print_fn(f"autojac demo: torch {torch.__version__}, {torch.get_num_threads()} threads\n")
@@ -89,26 +112,37 @@ def run(min_time: float = 0.3, print_fn: Callable[[str], None] = print) -> list[
         plan = api.explain(example.f, example.x)
         contenders = {f"autojac ({plan.label})": lambda: api.jacobian(example.f, example.x)}
         contenders.update(baselines(example, math.prod(plan.out_shape)))
-        samples = compare(contenders, clock_for(example.x.device), min_time=min_time)
-        ours = samples[next(iter(contenders))].median
-        print_fn(f"== {example.title}")
-        print_fn(plan.summary())
-        why = _why(plan)
-        if why:
-            print_fn(f"  why: {why}")
-        row = {"autojac": ours}
-        for name, s in samples.items():
-            if name.startswith("autojac"):
-                continue
-            print_fn(f"  autojac {ours * 1e3:.3f} ms vs {name} {s.median * 1e3:.3f} ms: "
-                     f"{s.median / ours:.1f}x faster")
-            row[name] = s.median
-        estimate = plan.memory.get(plan.label)
-        if estimate:
-            print_fn(f"  estimated peak memory of {plan.label}: {format_bytes(estimate)}")
-        print_fn("")
-        figures.append(row)
+        figures.append(_show(example, plan, contenders, min_time, print_fn))
+    example = second_order_example()
+    plan = api.explain(example.f, example.x, op="laplacian")
+    contenders = {f"autojac ({plan.label})": lambda: api.laplacian(example.f, example.x)}
+    contenders.update(laplacian_baselines(example))
+    figures.append(_show(example, plan, contenders, min_time, print_fn))
     return figures
+
+
+def _show(example: Example, plan, contenders: dict[str, Callable[[], Tensor]], min_time: float,
+          print_fn: Callable[[str], None]) -> dict[str, float]:
+    """Time autojac (the first contender) against the others, print the plan and the speed-ups."""
+    samples = compare(contenders, clock_for(example.x.device), min_time=min_time)
+    ours = samples[next(iter(contenders))].median
+    print_fn(f"== {example.title}")
+    print_fn(plan.summary())
+    why = _why(plan)
+    if why:
+        print_fn(f"  why: {why}")
+    row = {"autojac": ours}
+    for name, s in samples.items():
+        if name.startswith("autojac"):
+            continue
+        print_fn(f"  autojac {ours * 1e3:.3f} ms vs {name} {s.median * 1e3:.3f} ms: "
+                 f"{s.median / ours:.1f}x faster")
+        row[name] = s.median
+    estimate = plan.memory.get(plan.label)
+    if estimate:
+        print_fn(f"  estimated peak memory of {plan.label}: {format_bytes(estimate)}")
+    print_fn("")
+    return row
 
 
 def _why(plan) -> str:

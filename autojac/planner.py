@@ -45,15 +45,16 @@ def heuristic_order(op: str, sizes: Sizes) -> list[str]:
     return registry.heuristic(op, sizes)
 
 
-def candidates(op: str, sizes: Sizes, probes: Probes, *, create_graph: bool,
-               budget: int | None) -> tuple[list[Candidate], dict[str, str]]:
-    """Candidates valid for f, in heuristic order (all chunks), and why the others are not."""
+def candidates(op: str, sizes: Sizes, probes: Probes, *, create_graph: bool, budget: int | None,
+               problem: Problem | None = None) -> tuple[list[Candidate], dict[str, str]]:
+    """Candidates valid for f, in heuristic order (all chunks), and why the others are not.
+    With `problem`, strategies that declare `applies` are asked whether they suit it."""
     order = heuristic_order(op, sizes)
     strategies = sorted(registry.for_op(op), key=lambda s: order.index(s.name))
     valid: list[Candidate] = []
     excluded: dict[str, str] = {}
     for rank, strategy in enumerate(strategies):
-        reason = _invalid_reason(strategy, probes, create_graph)
+        reason = _invalid_reason(strategy, probes, create_graph, problem)
         for chunk in strategy.chunk_options(sizes):
             label = candidate_label(strategy.name, chunk)
             estimate = strategy.memory(sizes, chunk)
@@ -67,7 +68,11 @@ def candidates(op: str, sizes: Sizes, probes: Probes, *, create_graph: bool,
     return valid, excluded
 
 
-def _invalid_reason(strategy: Strategy, probes: Probes, create_graph: bool) -> str:
+def _invalid_reason(strategy: Strategy, probes: Probes, create_graph: bool, problem: Problem | None = None) -> str:
+    if strategy.applies is not None and problem is not None:
+        why = strategy.applies(problem)
+        if why:
+            return f"does not apply: {why}"
     if BATCH_INDEPENDENT in strategy.needs and not probes.batch_independent:
         return f"needs a batch-independent f, but {probes.coupling or 'batch_independent=False was given'}"
     if VMAP in strategy.needs and not probes.vmap_ok:
@@ -181,7 +186,7 @@ class Planner:
         name, chunk = parse_label(label)
         strategy = registry.get(name, problem.op)
         probes = self.probes(sig, problem)
-        reason = _invalid_reason(strategy, probes, problem.create_graph)
+        reason = _invalid_reason(strategy, probes, problem.create_graph, problem)
         if reason and not reason.startswith("not timed"):
             hint = ""
             if BATCH_INDEPENDENT in strategy.needs and not probes.batch_independent:
@@ -210,14 +215,20 @@ class Planner:
                 f"draw anyway, name a strategy, e.g. strategy='sum_rev'"
             )
         sizes = Sizes(batch=sig.batch, n=problem.n, m=_numel(probes.out_shape),
-                      itemsize=problem.x.element_size(), activations=probes.activations)
+                      itemsize=problem.x.element_size(), activations=probes.activations,
+                      create_graph=sig.create_graph)
         budget = memory.budget_bytes(problem.x.device)
-        pool, excluded = candidates(sig.op, sizes, probes, create_graph=sig.create_graph, budget=budget)
+        pool, excluded = candidates(sig.op, sizes, probes, create_graph=sig.create_graph, budget=budget,
+                                    problem=problem)
         if not pool:
             raise NoCandidateError(sig.op, excluded, _memory_hint(excluded, sig.batch))
+        backward = _BackwardPass() if tune and sig.create_graph else None
 
         def run(candidate: Candidate) -> Tensor:
-            return candidate.strategy(problem, candidate.chunk)
+            result = candidate.strategy(problem, candidate.chunk)
+            if backward is not None:  # with create_graph the user pays for a backward pass too
+                backward(result)
+            return result
 
         with preserved_buffers(describe(problem.f).modules()):
             try:
@@ -277,6 +288,39 @@ def _missing_plan_message(sig: Signature, store: PlanStore) -> str:
         f"--op {sig.op}{' --create-graph' if graph else ''}`; then ship the plans (autojac export, and "
         f"AUTOJAC_PLANS or autojac import here), or unset AUTOJAC_REQUIRE_PLAN"
     )
+
+
+class _BackwardPass:
+    """A backward pass of a scalar loss through a result, into the leaves its graph reaches (found
+    once, on the first untimed call), without touching anyone's .grad."""
+
+    def __init__(self) -> None:
+        self.leaves: list[Tensor] | None = None
+
+    def __call__(self, result: Tensor) -> None:
+        if not result.requires_grad:
+            return
+        if self.leaves is None:
+            self.leaves = _graph_leaves(result)
+        if self.leaves:
+            torch.autograd.grad(result.sum(), self.leaves, allow_unused=True)
+
+
+def _graph_leaves(result: Tensor) -> list[Tensor]:
+    """The tensors requiring grad that result's graph ends in (parameters, x or its sources)."""
+    leaves: dict[int, Tensor] = {}
+    seen: dict[int, object] = {}  # holds the nodes too, so that no id is reused meanwhile
+    stack = [result.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if isinstance(variable, Tensor):
+            leaves[id(variable)] = variable
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return list(leaves.values())
 
 
 @functools.lru_cache(maxsize=1)

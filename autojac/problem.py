@@ -44,10 +44,19 @@ class Sizes:
     m: int  # output elements per sample
     itemsize: int  # bytes per element of x's dtype
     activations: int  # bytes f saves for backward over the whole batch (measured once)
+    create_graph: bool = False  # results must stay differentiable: heuristics order differently
 
     def tensor(self, *dims: int) -> int:
         """Bytes of a tensor with these dimensions in x's dtype."""
         return math.prod(dims) * self.itemsize
+
+
+def result_shape(op: str, batch: int, out_shape: tuple[int, ...], in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of `op`'s result: (B, *out, *in) for jacobian, hvp and hessian_diag; (B, *out, *in, *in)
+    for hessian; (B, *out) for laplacian."""
+    tails = {"jacobian": in_shape, "hvp": in_shape, "hessian_diag": in_shape,
+             "hessian": in_shape + in_shape, "laplacian": ()}
+    return (batch, *out_shape, *tails[op])
 
 
 def check_f(f: object) -> None:

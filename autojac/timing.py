@@ -6,6 +6,7 @@ Tests inject a fake `Clock` to give candidates known costs without timing anythi
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -111,18 +112,23 @@ def compare(fns: dict[str, Callable[[], object]], clock: Clock | None = None, *,
     """Time several functions side by side: warm-up, then interleaved rounds until each has run
     for `min_time` seconds and at least `min_repeats` times (or `max_repeats` times). Returns
     their samples, by name. `min_repeats` keeps one slow outlier (a busy machine) from ending
-    a function's timing with a median of one or two samples."""
+    a function's timing with a median of one or two samples. Each round runs them in a new order
+    (seeded: the same every time), because a call is slower right after one that evicted the
+    caches: in a fixed order a function always pays for the same neighbour."""
     clock = clock or Clock()
     for fn in fns.values():
         for _ in range(warmup):
             timed(clock, fn)
     samples = {name: Samples() for name in fns}
     active = dict(fns)
+    order = random.Random(0)
     while active:
-        for name, fn in list(active.items()):
-            _, seconds = timed(clock, fn)
-            samples[name].add(seconds)
-            count = len(samples[name].seconds)
-            if (samples[name].total >= min_time and count >= min_repeats) or count >= max_repeats:
+        names = list(active)
+        order.shuffle(names)
+        for name in names:
+            _, seconds = timed(clock, active[name])
+            taken = samples[name]
+            taken.add(seconds)
+            if (taken.total >= min_time and len(taken.seconds) >= min_repeats) or len(taken.seconds) >= max_repeats:
                 del active[name]
     return samples

@@ -90,12 +90,12 @@ def fixed_contenders(op: str, problem: Problem, probes: Probes, settings: Settin
     sizes = Sizes(batch=x.shape[0], n=problem.n, m=math.prod(probes.out_shape), itemsize=x.element_size(),
                   activations=probes.activations)
     budget = memory.budget_bytes(x.device)
-    valid, excluded = candidates(op, sizes, probes, create_graph=False, budget=budget)
+    valid, excluded = candidates(op, sizes, probes, create_graph=False, budget=budget, problem=problem)
     if probes.batch_independent and settings.coupled_only:
         # The planner offers coupled-only strategies (full_diag) to batch-coupled f alone; a
         # user can still choose them, so they are timed too, under the same memory budget.
         as_coupled, why_not = candidates(op, sizes, dataclasses.replace(probes, batch_independent=False),
-                                         create_graph=False, budget=budget)
+                                         create_graph=False, budget=budget, problem=problem)
         for candidate in as_coupled:
             if candidate.strategy.coupled_only:
                 valid.append(candidate)

@@ -7,8 +7,8 @@ from autojac.problem import Problem, Sizes
 from autojac.strategies import for_op
 from autojac.strategies.registry import BATCH_INDEPENDENT, VMAP, Strategy, get, register, temporary
 
-from helpers import MatrixOut, ScalarOut, SmallConv, assert_close, centered, data_dependent, diagonal_blocks, \
-    loop_jacobian, mlp
+from helpers import MatrixOut, ScalarOut, SmallConv, assert_close, centered, chunks_to_try, data_dependent, \
+    diagonal_blocks, loop_jacobian, mlp
 
 JACOBIAN_STRATEGIES = for_op("jacobian")
 
@@ -19,15 +19,6 @@ CASES = {
     "matrix_out": (MatrixOut, (6,)),
     "elementwise_matrix_in": (lambda: (lambda x: torch.sin(x) * x.sum((1, 2), keepdim=True)), (2, 3)),
 }
-
-
-def _chunks(strategy: Strategy, in_shape, out_numel, batch):
-    n = int(torch.Size(in_shape).numel())
-    sizes = Sizes(batch=batch, n=n, m=out_numel, itemsize=4, activations=0)
-    chunks = set(strategy.chunk_options(sizes))
-    if strategy.basis is not None:
-        chunks.add(2)  # a chunk that does not divide the basis: the last chunk is short
-    return sorted(chunks, key=lambda c: (c is not None, c or 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -41,7 +32,7 @@ def test_strategy_matches_loop_reference(strategy, case, dtype):
     x = torch.randn(3, *in_shape, dtype=dtype)
     expected = loop_jacobian(f, x)
     out_numel = int(torch.Size(expected.shape[1:expected.dim() - len(in_shape)]).numel())
-    for chunk in _chunks(strategy, in_shape, out_numel, 3):
+    for chunk in chunks_to_try(strategy, 3, int(torch.Size(in_shape).numel()), out_numel):
         result = strategy(Problem("jacobian", f, x), chunk)
         assert result.shape == expected.shape, (strategy.name, chunk)
         assert result.dtype == dtype and not result.requires_grad

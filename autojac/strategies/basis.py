@@ -83,6 +83,38 @@ def grad_input(problem: Problem) -> Tensor:
     return x.detach().requires_grad_(True)
 
 
+def batched_grad(outputs: Tensor, x: Tensor, seeds: Tensor, create_graph: bool) -> Tensor:
+    """Vector-Jacobian products of outputs w.r.t. x for each seed in seeds (k, *outputs.shape):
+    (k, *x.shape), vectorized; a single seed skips vmap."""
+    if seeds.shape[0] == 1:
+        (grad,) = torch.autograd.grad(outputs, x, seeds[0], retain_graph=True, create_graph=create_graph,
+                                      materialize_grads=True)
+        return grad[None]
+    (grads,) = torch.autograd.grad(outputs, x, seeds, retain_graph=True, create_graph=create_graph,
+                                   is_grads_batched=True, materialize_grads=True)
+    if grads.dim() == x.dim():  # outputs do not depend on x: the zeros come without the seed dimension
+        grads = grads.expand(seeds.shape[0], *grads.shape)
+    return grads
+
+
+def own_sample_rows(outputs: Tensor, x: Tensor, chunk: int | None, create_graph: bool) -> Tensor:
+    """Gradient of every entry of outputs (B, *rest) w.r.t. x, keeping only its own sample's
+    block: (B, *rest, *in). Exact for batch-coupled functions (B times the work of the batch
+    trick); `chunk` rows per vectorized backward pass, so the (B*R, B*R) identity of seeds is
+    built only when chunk is None."""
+    batch, rest = outputs.shape[0], tuple(outputs.shape[1:])
+    flat = outputs.reshape(-1)
+    per_sample = flat.numel() // batch if batch else 0
+    if not outputs.requires_grad or per_sample == 0:
+        return x.new_zeros(*outputs.shape, *x.shape[1:])
+    pieces = []
+    for start, stop in spans(flat.numel(), chunk):
+        grads = batched_grad(flat, x, one_hot_rows(start, stop, tuple(flat.shape), flat), create_graph)
+        rows = torch.arange(start, stop, device=x.device)
+        pieces.append(grads[rows - start, rows // per_sample])  # (k, *in)
+    return torch.cat(pieces).view(batch, *rest, *x.shape[1:])
+
+
 def batch_first(jac: Tensor, out_dims: int) -> Tensor:
     """(*out, B, *in) -> (B, *out, *in)."""
     return jac.movedim(out_dims, 0)

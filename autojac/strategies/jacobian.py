@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from ..problem import Problem, Sizes
-from .basis import batch_first, grad_input, jvp_basis, one_hot_rows, one_sample, spans, vjp_basis
+from .basis import batch_first, grad_input, jvp_basis, one_hot_rows, one_sample, own_sample_rows, spans, vjp_basis
 from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
 
 JACOBIAN = frozenset({"jacobian"})
@@ -85,24 +85,7 @@ def _full_diag(p: Problem, chunk: int | None) -> Tensor:
     # exact for batch-coupled f, and never builds the (B*m, B*m) identity.
     with torch.enable_grad():
         x = grad_input(p)
-        y = p.f(x)
-        batch, out_shape = y.shape[0], tuple(y.shape[1:])
-        flat = y.reshape(-1)
-        per_sample = flat.numel() // batch
-        if not y.requires_grad or per_sample == 0:
-            return x.new_zeros(*y.shape, *x.shape[1:])
-        pieces = []
-        for start, stop in spans(flat.numel(), chunk):
-            seeds = one_hot_rows(start, stop, tuple(flat.shape), flat)
-            if stop - start == 1:
-                grads = torch.autograd.grad(flat, x, seeds[0], retain_graph=True,
-                                            create_graph=p.create_graph, materialize_grads=True)[0][None]
-            else:
-                grads = torch.autograd.grad(flat, x, seeds, retain_graph=True, create_graph=p.create_graph,
-                                            is_grads_batched=True, materialize_grads=True)[0]
-            rows = torch.arange(start, stop, device=x.device)
-            pieces.append(grads[rows - start, rows // per_sample])  # (k, *in)
-    return torch.cat(pieces).view(batch, *out_shape, *x.shape[1:])
+        return own_sample_rows(p.f(x), x, chunk, p.create_graph)
 
 
 def _reverse_memory(s: Sizes, chunk: int | None) -> int:

@@ -39,6 +39,9 @@ class Strategy:
     # Used only when no strategy needing batch independence applies (it does B times the work).
     coupled_only: bool = False
     differentiable: bool = True  # can return a result with create_graph=True
+    # For strategies that serve only some f (a model structure they recognize): "" if the
+    # problem suits them, else why not. Checked when listing candidates, never on the hot path.
+    applies: Callable[[Problem], str] | None = None
     summary: str = ""
 
     def __post_init__(self) -> None:

@@ -1,0 +1,154 @@
+"""Per-sample Hessians (B, *out, *in, *in): H[b, k] = d^2 f(x)[b, k] / d x[b]^2.
+
+Sizes: B samples, n input and m output elements per sample; A is the bytes f saves for
+backward over the whole batch, c the basis vectors handled per vectorized pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from ..problem import Problem, Sizes
+from .basis import batch_first, grad_input, jvp_basis, one_sample, own_sample_rows, spans, vjp_basis
+from .curvature import (OPS_DIAGONAL, diagonal_of, double_pass_memory, finish_diagonal, output_gradients,
+                        input_basis_rows, summed_jacobian, zeros_result)
+from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
+
+HESSIAN = frozenset({"hessian"})
+
+
+def vmap_fwd_rev(p: Problem, chunk: int | None) -> Tensor:
+    """vmap(torch.func.hessian(f)) over the samples: forward mode (chunk tangents at a time) over
+    reverse mode; (B, *out, *in, *in). Also the base of the diagonal strategy vmap_hessian_diag."""
+    f_one = one_sample(p.f)
+    return vmap(lambda xi: jvp_basis(lambda z: vjp_basis(f_one, z, None), xi, chunk))(p.x)
+
+
+def _vmap_rev_rev(p: Problem, chunk: int | None) -> Tensor:
+    f_one = one_sample(p.f)
+    return vmap(lambda xi: vjp_basis(lambda z: vjp_basis(f_one, z, None), xi, chunk))(p.x)
+
+
+def _sum_fwd_rev(p: Problem, chunk: int | None) -> Tensor:
+    # The batch trick twice: reverse mode on the batch-summed output gives every sample's
+    # gradient; forward mode along e_i broadcast over the batch differentiates all of them at
+    # once (an HVP along e_i per sample), giving column i of every H[b].
+    hess = jvp_basis(summed_jacobian(p.f), p.x, chunk, tangent_shape=p.in_shape)  # (*out, B, *in, *in)
+    return batch_first(hess, hess.dim() - 1 - 2 * len(p.in_shape))
+
+
+def _sum_grad_grad(p: Problem, chunk: int | None) -> Tensor:
+    # Reverse over reverse with the batch trick, in plain autograd (less overhead than
+    # torch.func): each output element's differentiable per-sample gradient, seeded with e_i on
+    # every sample, gives row i of every H[b, k]; `chunk` rows per vectorized backward pass.
+    with torch.enable_grad():
+        x, out_shape, grads = output_gradients(p)
+        if grads is None:
+            return zeros_result(p, out_shape)
+        rows = [input_basis_rows(g, x, start, stop, p.create_graph) for g in grads for start, stop in spans(p.n, chunk)]
+    hess = torch.cat(rows).view(*out_shape, *p.in_shape, *x.shape)  # (*out, *in, B, *in)
+    return hess.movedim(len(out_shape) + len(p.in_shape), 0)
+
+
+def _loop_grad_grad(p: Problem, chunk: int | None) -> Tensor:
+    # One plain autograd.grad per output element, then per (output, input) element: no vmap
+    # anywhere (not even is_grads_batched), for f whose backward vmap cannot run.
+    return _sum_grad_grad(p, 1)
+
+
+def _full_hessian(p: Problem, chunk: int | None) -> Tensor:
+    # Diagonal blocks of the whole-batch Hessian: exact for batch-coupled f. The first level
+    # keeps each output's own-sample gradient (differentiable), the second level each of
+    # those entries' own-sample gradient; `chunk` rows per vectorized backward pass.
+    with torch.enable_grad():
+        x = grad_input(p)
+        first = own_sample_rows(p.f(x), x, chunk, create_graph=True)  # (B, *out, *in)
+        hess = own_sample_rows(first, x, chunk, p.create_graph)  # (B, *out, *in, *in)
+    if p.op == "hessian":
+        return hess
+    return finish_diagonal(p, diagonal_of(hess, p.in_shape))
+
+
+def _forward_memory(s: Sizes, chunk: int | None) -> int:
+    c = chunk or s.n
+    return double_pass_memory(s, c * s.m, s.n, "hessian")
+
+
+def _reverse_memory(s: Sizes, chunk: int | None) -> int:
+    c = chunk or s.m * s.n
+    return double_pass_memory(s, c, s.batch * s.n, "hessian")
+
+
+def _grad_grad_memory(s: Sizes, chunk: int | None) -> int:
+    c = chunk or s.n
+    return double_pass_memory(s, c, s.batch * s.n, "hessian") + s.m * s.activations
+
+
+def _loop_memory(s: Sizes, chunk: int | None) -> int:
+    return _grad_grad_memory(s, 1)
+
+
+def _full_memory(s: Sizes, chunk: int | None) -> int:
+    c = chunk or s.batch * s.m * s.n
+    return double_pass_memory(s, c, s.batch * s.m * s.n, "hessian")
+
+
+def _in_basis(s: Sizes) -> int:
+    return s.n
+
+
+def _pair_basis(s: Sizes) -> int:
+    return s.m * s.n
+
+
+register(Strategy(
+    name="vmap_fwd_rev", ops=HESSIAN, run=vmap_fwd_rev, memory=_forward_memory, basis=_in_basis,
+    needs=frozenset({BATCH_INDEPENDENT, VMAP}),
+    summary="vmap over samples of forward-over-reverse on one sample (vmap(torch.func.hessian(f)))",
+))
+register(Strategy(
+    name="vmap_rev_rev", ops=HESSIAN, run=_vmap_rev_rev, memory=_reverse_memory, basis=_pair_basis,
+    needs=frozenset({BATCH_INDEPENDENT, VMAP}),
+    summary="vmap over samples of reverse-over-reverse on one sample (vmap(jacrev(jacrev(f))))",
+))
+register(Strategy(
+    name="sum_fwd_rev", ops=HESSIAN, run=_sum_fwd_rev, memory=_forward_memory, basis=_in_basis,
+    needs=frozenset({BATCH_INDEPENDENT}),
+    summary="the batch trick twice: forward-mode HVPs along each input basis vector, broadcast over "
+            "the batch, of the reverse-mode gradient of the batch-summed output",
+))
+register(Strategy(
+    name="sum_grad_grad", ops=HESSIAN, run=_sum_grad_grad, memory=_grad_grad_memory, basis=_in_basis,
+    needs=frozenset({BATCH_INDEPENDENT}),
+    summary="reverse over reverse with the batch trick in plain autograd (is_grads_batched)",
+))
+register(Strategy(
+    name="loop_grad_grad", ops=HESSIAN, run=_loop_grad_grad, memory=_loop_memory,
+    needs=frozenset({BATCH_INDEPENDENT}),
+    summary="one autograd.grad per output element, then per (output, input) element; no vmap",
+))
+register(Strategy(
+    name="full_hessian", ops=HESSIAN | OPS_DIAGONAL, run=_full_hessian, memory=_full_memory,
+    basis=lambda s: s.batch * s.m * s.n, chunks=(None, 64, 16, 1), coupled_only=True,
+    summary="diagonal blocks of the whole-batch Hessian, row by row of the batch; exact for "
+            "batch-coupled f",
+))
+
+
+def _heuristic(s: Sizes) -> list[str]:
+    # Measured on CPU (benchmarks/second_order.py, tanh MLP): the forward Hessian (n^2 carried
+    # per unit) wins when n <= 4 m; otherwise double backward vectorized over the input basis,
+    # unless the result must stay differentiable: differentiating its vmapped backward again is
+    # 3-5x slower at n = 128, where vmap over samples (m = 1) or forward over reverse wins.
+    if s.create_graph:
+        order = (["vmap_rev_rev", "loop_grad_grad", "sum_grad_grad", "vmap_fwd_rev", "sum_fwd_rev"] if s.m == 1
+                 else ["sum_fwd_rev", "vmap_fwd_rev", "loop_grad_grad", "sum_grad_grad", "vmap_rev_rev"])
+    else:
+        order = (["sum_grad_grad", "loop_grad_grad", "vmap_rev_rev", "vmap_fwd_rev", "sum_fwd_rev"] if s.m == 1
+                 else ["sum_grad_grad", "sum_fwd_rev", "vmap_fwd_rev", "loop_grad_grad", "vmap_rev_rev"])
+    return ["forward_hessian", *order] if s.n <= 4 * s.m else [*order, "forward_hessian"]
+
+
+set_heuristic("hessian", _heuristic)

@@ -1,0 +1,117 @@
+"""Per-sample Hessian-vector products (B, *out, *in): Hv[b, k] = H[b, k] @ v[b].
+
+None of these builds a Hessian: each costs a few passes over f per output element.
+Sizes: B samples, n input and m output elements per sample; c the output elements handled
+per vectorized pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import jvp
+
+from ..problem import Problem, Sizes
+from .basis import batch_first, grad_input, own_sample_rows, vjp_basis
+from .curvature import double_pass_memory, output_gradients, summed_jacobian, zeros_result
+from .registry import BATCH_INDEPENDENT, Strategy, register, set_heuristic
+
+HVP = frozenset({"hvp"})
+
+
+def _hvp_fwd_rev(p: Problem, chunk: int | None) -> Tensor:
+    # Forward over reverse: the jvp along v of every sample's gradient (batch trick), which is
+    # H[b] v[b] because v[b] only moves sample b.
+    _, hv = jvp(summed_jacobian(p.f, chunk), (p.x,), (p.v,))  # (*out, B, *in)
+    return batch_first(hv, hv.dim() - p.x.dim())
+
+
+def _hvp_rev_fwd(p: Problem, chunk: int | None) -> Tensor:
+    # Reverse over forward: the gradient of the batch-summed directional derivative J[b] v[b]
+    # is H[b]^T v[b] = H[b] v[b].
+    def directional(z: Tensor) -> Tensor:
+        return jvp(p.f, (z,), (p.v,))[1].sum(0)
+
+    hv = vjp_basis(directional, p.x, chunk)  # (*out, B, *in)
+    return batch_first(hv, hv.dim() - p.x.dim())
+
+
+def _hvp_rev_rev(p: Problem, chunk: int | None) -> Tensor:
+    # Reverse over reverse (double backward) in plain autograd, no vmap anywhere: each output
+    # element's differentiable per-sample gradient, seeded with v. (Seeding all output elements
+    # at once by is_grads_batched costs m times the work: measured never faster.)
+    with torch.enable_grad():
+        x, out_shape, grads = output_gradients(p)
+        if grads is None:
+            return zeros_result(p, out_shape)
+        rows = [torch.autograd.grad(g, x, p.v, retain_graph=True, create_graph=p.create_graph,
+                                    materialize_grads=True)[0] if g.requires_grad else torch.zeros_like(x)
+                for g in grads]
+    return batch_first(torch.stack(rows).view(*out_shape, *x.shape), len(out_shape))
+
+
+def _full_hvp(p: Problem, chunk: int | None) -> Tensor:
+    # Batch-coupled f: each output's own-sample gradient (differentiable), contracted with v,
+    # then that scalar's own-sample gradient. 2 B m backward passes, no Hessian.
+    with torch.enable_grad():
+        x = grad_input(p)
+        first = own_sample_rows(p.f(x), x, chunk, create_graph=True)  # (B, *out, *in)
+        out_dims = first.dim() - x.dim()
+        v = p.v.view(p.batch, *(1,) * out_dims, *p.in_shape)
+        directional = (first * v).flatten(1 + out_dims).sum(-1)  # (B, *out)
+        return own_sample_rows(directional, x, chunk, p.create_graph)
+
+
+def _vector_memory(s: Sizes, chunk: int | None) -> int:
+    c = chunk or s.m
+    return double_pass_memory(s, c, s.batch * s.n, "hvp")
+
+
+def _loop_memory(s: Sizes, chunk: int | None) -> int:
+    return double_pass_memory(s, 1, s.batch * s.n, "hvp")
+
+
+def _full_memory(s: Sizes, chunk: int | None) -> int:
+    c = chunk or s.batch * s.m
+    return double_pass_memory(s, c, s.batch * s.m, "hvp")
+
+
+def _out_basis(s: Sizes) -> int:
+    return s.m
+
+
+register(Strategy(
+    name="hvp_fwd_rev", ops=HVP, run=_hvp_fwd_rev, memory=_vector_memory, basis=_out_basis,
+    needs=frozenset({BATCH_INDEPENDENT}),
+    summary="forward over reverse: jvp along v of the gradient of the batch-summed output",
+))
+register(Strategy(
+    name="hvp_rev_fwd", ops=HVP, run=_hvp_rev_fwd, memory=_vector_memory, basis=_out_basis,
+    needs=frozenset({BATCH_INDEPENDENT}),
+    summary="reverse over forward: gradient of the batch-summed jvp along v",
+))
+register(Strategy(
+    name="hvp_rev_rev", ops=HVP, run=_hvp_rev_rev, memory=_loop_memory,
+    needs=frozenset({BATCH_INDEPENDENT}),
+    summary="reverse over reverse (double backward), one autograd.grad per output element and level; no vmap",
+))
+register(Strategy(
+    name="full_hvp", ops=HVP, run=_full_hvp, memory=_full_memory,
+    basis=lambda s: s.batch * s.m, chunks=(None, 64, 16, 1), coupled_only=True,
+    summary="own-sample gradients of the whole batch contracted with v, differentiated again; exact "
+            "for batch-coupled f",
+))
+
+
+def _heuristic(s: Sizes) -> list[str]:
+    # Measured on CPU (benchmarks/second_order.py, tanh MLP): carrying J forward costs about n
+    # forward passes, double backward about 4 per output element, so the forward pass wins when
+    # n <= 4 m; otherwise double backward, except for vector outputs kept differentiable, where
+    # reverse over forward (one vectorized pass) is cheaper to differentiate again.
+    order = ["hvp_rev_rev", "hvp_rev_fwd", "hvp_fwd_rev"]
+    if s.create_graph and s.m > 1:
+        order = ["hvp_rev_fwd", "hvp_rev_rev", "hvp_fwd_rev"]
+    return ["forward_hvp", *order] if s.n <= 4 * s.m else [*order, "forward_hvp"]
+
+
+set_heuristic("hvp", _heuristic)

@@ -1,0 +1,152 @@
+"""Every registered second-order strategy, at every chunk it offers, against per-sample references:
+a loop of torch.autograd.functional.hessian, or closed forms where the function has them."""
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from autojac.problem import Problem, Sizes
+from autojac.strategies import for_op, get
+from autojac.strategies.curvature import result_bytes
+from autojac.strategies.forward_laplacian import ACTIVATIONS
+
+from helpers import MatrixOut, assert_close, centered, chunks_to_try, coupled_hessian, loop_hessian, mlp, \
+    second_order_reference
+
+OPS = ("hessian", "hvp", "hessian_diag", "laplacian")
+STRATEGIES = [(op, s) for op in OPS for s in for_op(op)]
+
+
+def _closed_form(second_derivative):
+    """Hessian of x -> sum_i g(x_i): diagonal, with g'' on it."""
+    return lambda x: torch.diag_embed(second_derivative(x))
+
+
+CASES = {
+    # name: (factory of f, per-sample input shape, exact Hessian or None for the loop reference)
+    "tanh_mlp": (lambda: mlp(3, 2, width=8), (3,), None),
+    "sin": (lambda: (lambda x: torch.sin(x).sum(-1)), (4,), _closed_form(lambda x: -torch.sin(x))),
+    "cube": (lambda: (lambda x: (x ** 3).sum(-1)), (4,), _closed_form(lambda x: 6 * x)),
+    "matrix_out": (MatrixOut, (6,), None),
+    "scalar_softplus_mlp": (lambda: nn.Sequential(nn.Linear(2, 6), nn.Softplus(), nn.Linear(6, 1)), (2,), None),
+    "matrix_in": (lambda: (lambda x: (torch.tanh(x) * x.flip(-1)).sum((-2, -1))), (2, 3), None),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _case(name: str, dtype: torch.dtype):
+    factory, in_shape, exact = CASES[name]
+    torch.manual_seed(0)
+    f = factory()
+    if isinstance(f, nn.Module):
+        f = f.to(dtype)
+    x = torch.randn(3, *in_shape, dtype=dtype)
+    v = torch.randn(3, *in_shape, dtype=dtype)
+    hessian = exact(x) if exact is not None else loop_hessian(f, x)
+    return f, x, v, hessian
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("op, strategy", STRATEGIES, ids=lambda s: getattr(s, "name", s))
+def test_strategy_matches_the_reference(op, strategy, case, dtype):
+    f, x, v, hessian = _case(case, dtype)
+    problem = Problem(op, f, x, v if op == "hvp" else None)
+    if strategy.applies is not None and strategy.applies(problem):
+        assert not isinstance(f, nn.Sequential) or case == "matrix_in"
+        return
+    expected = second_order_reference(op, hessian, problem.in_shape, v)
+    out_numel = int(torch.Size(hessian.shape[1: hessian.dim() - 2 * len(problem.in_shape)]).numel())
+    for chunk in chunks_to_try(strategy, problem.batch, problem.n, out_numel):
+        result = strategy(problem, chunk)
+        assert result.shape == expected.shape, (strategy.name, chunk)
+        assert result.dtype == dtype and not result.requires_grad
+        assert_close(result, expected)
+
+
+@pytest.mark.parametrize("op, strategy", STRATEGIES, ids=lambda s: getattr(s, "name", s))
+def test_second_derivatives_of_an_affine_function_are_zero(op, strategy):
+    f = nn.Sequential(nn.Linear(3, 2)).double()
+    x, v = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    result = strategy(Problem(op, f, x, v if op == "hvp" else None))
+    expected = second_order_reference(op, torch.zeros(4, 2, 3, 3, dtype=torch.float64), (3,), v)
+    assert torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_the_coupled_strategies_are_exact_for_a_batch_coupled_function(op):
+    x, v = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    expected = second_order_reference(op, coupled_hessian(centered, x), (3,), v)
+    coupled = [s for s in for_op(op) if s.coupled_only]
+    assert coupled, f"no strategy serves {op} for batch-coupled f"
+    for strategy in coupled:
+        for chunk in (None, 5, 1):
+            assert_close(strategy(Problem(op, centered, x, v if op == "hvp" else None), chunk), expected)
+    # ...and the batch trick would get it wrong
+    wrong = get("hvp_fwd_rev" if op == "hvp" else "sum_fwd_rev" if op == "hessian" else "fwd_fwd_diag")
+    assert not torch.allclose(wrong(Problem(op, centered, x, v if op == "hvp" else None)), expected)
+
+
+@pytest.mark.parametrize("activation", [
+    *(cls() for cls in ACTIVATIONS), nn.GELU(approximate="tanh"), nn.Softplus(beta=2.0, threshold=1.0),
+    nn.LeakyReLU(0.3), nn.ELU(alpha=0.7),
+], ids=lambda m: repr(m))
+def test_forward_strategies_know_each_activations_derivatives(activation):
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(3, 5), activation, nn.Sequential(nn.Linear(5, 5), activation), nn.Linear(5, 2))
+    _check_forward_strategies(f.double())
+
+
+def _check_forward_strategies(f: nn.Module) -> None:
+    x, v = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    hessian = loop_hessian(f, x)
+    for op in OPS:
+        strategy = get({"hessian": "forward_hessian", "hvp": "forward_hvp"}.get(op, "forward_laplacian"), op)
+        result = strategy(Problem(op, f, x, v if op == "hvp" else None))
+        assert_close(result, second_order_reference(op, hessian, (3,), v))
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: nn.Sequential(nn.Tanh(), nn.Linear(3, 2)),  # J is still the identity at the first activation
+    lambda: nn.Sequential(nn.SiLU()),  # no linear layer at all
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Sigmoid()),  # activations back to back
+], ids=["activation_first", "activation_only", "two_activations"])
+def test_forward_strategies_handle_any_order_of_layers(factory):
+    _check_forward_strategies(factory().double())
+
+
+@pytest.mark.parametrize("f, reason", [
+    (lambda: mlp(3, 2).train().append(nn.Dropout(0.1)), "holds a Dropout"),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), "holds a LayerNorm"),
+    (lambda: (lambda x: x.sin().sum(-1)), "f is a function, not an nn.Sequential"),
+    (lambda: MatrixOut(), "f is a MatrixOut"),
+])
+def test_forward_strategies_say_why_they_do_not_apply(f, reason):
+    problem = Problem("laplacian", f(), torch.randn(2, 3))
+    assert reason in get("forward_laplacian").applies(problem)
+
+
+def test_forward_strategies_do_not_apply_to_hooked_models_or_other_input_ranks():
+    model = mlp(3, 2)
+    assert get("forward_laplacian").applies(Problem("laplacian", model, torch.randn(2, 3))) == ""
+    assert "(B, n)" in get("forward_laplacian").applies(Problem("laplacian", model, torch.randn(2, 4, 3)))
+    handle = model[1].register_forward_hook(lambda module, args, out: out * 2)
+    assert "forward hooks" in get("forward_hessian").applies(Problem("hessian", model, torch.randn(2, 3)))
+    handle.remove()
+
+
+def test_the_coupled_hessian_offers_chunks_that_bound_its_seeds():
+    # B*m*n = 512*1*64 rows: the unchunked identity of seeds alone would be 4 GiB in float32.
+    sizes = Sizes(batch=512, n=64, m=1, itemsize=4, activations=512 * 64 * 4 * 4)
+    strategy = get("full_hessian")
+    assert 64 in strategy.chunk_options(sizes)
+    assert strategy.memory(sizes, 64) < 2**30 < 4 * 2**30 < strategy.memory(sizes, None)
+
+
+def test_every_strategy_estimates_at_least_its_result():
+    sizes = Sizes(batch=8, n=10, m=3, itemsize=4, activations=1000)
+    for op, strategy in STRATEGIES:
+        for chunk in strategy.chunk_options(sizes):
+            assert strategy.memory(sizes, chunk) >= result_bytes(sizes, op), (strategy.name, chunk)
