@@ -3,6 +3,10 @@
 Writes, under benchmarks/results/ (or --out): DEVICE-DATE-MODE.json (validated by
 `benchmarks.schema.Run`), the same stem .md (tables) and .png (speed-ups), and, for a full run
 or with --summary, SUMMARY.md, the README's benchmark section.
+
+`--merge A.json B.json ...` joins runs of single suites made one after another on the same
+machine with the same settings (a long run split so that an interruption loses one suite, not
+all): the joined run is a full one when its suites are the full set.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "choice, the oracle and the baselines (full default); of every contender")
     parser.add_argument("--summary", action="store_true", help="also write SUMMARY.md (a full run always does)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="RUN.json",
+                        help="join these runs (same machine and settings, different suites) and write the reports")
     return parser
 
 
@@ -109,6 +115,12 @@ def _line(i: int, total: int, result: CaseResult) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.merge:
+        try:
+            run = merge([Run.model_validate_json(path.read_text()) for path in args.merge])
+        except (OSError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+            raise SystemExit(f"--merge: {error}") from None
+        return _finish(run, args)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,11 +155,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = Run(created=created, seconds=time.perf_counter() - started, machine=machine, settings=settings,
               notes=notes, cases=results, summaries=report.summaries(results), load_average_end=end_load,
               dispatch_overhead_median=report.median(overheads))
-    paths = write(run, args.out, plot=not args.no_plot, summary=args.summary or settings.mode == "full")
+    return _finish(run, args)
+
+
+def _finish(run: Run, args: argparse.Namespace) -> int:
+    paths = write(run, args.out, plot=not args.no_plot, summary=args.summary or run.settings.mode == "full")
     for line in report.headline_table(run, [g for g in run.summaries if g.suite == report.ALL]):
         print(line)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+# What must match for runs to be joined: the machine and every setting but the suites.
+_SAME_MACHINE = ("device", "device_name", "hostname", "torch", "autojac", "python", "threads")
+_PER_SUITE = {"mode", "suites", "command"}
+
+
+def merge(runs: Sequence[Run]) -> Run:
+    """One run from runs of different suites made on the same machine with the same settings:
+    cases in the given order, aggregates recomputed. ValueError names what differs."""
+    if not runs:
+        raise ValueError("no run to merge")
+    first = runs[0]
+    settings = first.settings.model_dump(exclude=_PER_SUITE)
+    suites: list[str] = []
+    for run in runs:
+        for field in _SAME_MACHINE:
+            if getattr(run.machine, field) != getattr(first.machine, field):
+                raise ValueError(f"runs from different machines or versions: {field} is "
+                                 f"{getattr(first.machine, field)!r} in one, {getattr(run.machine, field)!r} in another")
+        other = run.settings.model_dump(exclude=_PER_SUITE)
+        differing = sorted(key for key in settings if settings[key] != other[key])
+        if differing:
+            raise ValueError(f"runs with different settings ({', '.join(differing)}); run them alike and merge again")
+        repeated = sorted(set(suites) & set(run.settings.suites))
+        if repeated:
+            raise ValueError(f"suite {', '.join(repeated)} appears in two runs; merge each suite once")
+        suites += run.settings.suites
+    full = dict(MODES["full"], tune_budget=settings["tune_budget"])
+    is_full = set(suites) == set(FULL) and all(settings[key] == value for key, value in full.items())
+    cases = [c for run in runs for c in run.cases]
+    overheads = [c.dispatch.overhead for c in cases if c.dispatch is not None]
+    notes = list(dict.fromkeys(note for run in runs for note in run.notes))
+    return Run(created=min(run.created for run in runs), seconds=sum(run.seconds for run in runs),
+               machine=first.machine, notes=notes, cases=cases, summaries=report.summaries(cases),
+               settings=first.settings.model_copy(update=dict(
+                   mode="full" if is_full else "custom", suites=suites,
+                   command=" && ".join(run.settings.command for run in runs))),
+               load_average_end=runs[-1].load_average_end, dispatch_overhead_median=report.median(overheads))
 
 
 def stem(run: Run) -> str:

@@ -189,3 +189,53 @@ def test_summaries_aggregate_regret_wins_and_slowdowns():
     assert group.slowdown_geomean["sum_fwd"] == pytest.approx(math.sqrt(2.0))
     assert group.slowdown_worst["sum_rev"] == pytest.approx(3.0)
     assert {(g.suite, g.op) for g in report.summaries(cases)} == {("s", "jacobian"), ("all", "jacobian"), ("all", "all")}
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_second_order_script_times_every_candidate_and_reports(create_graph):
+    from benchmarks import second_order
+
+    row = second_order.measure("laplacian", 4, 2, 1, create_graph, min_time=0.002)
+    times = row["times"]
+    assert {"autojac", "vmap(hessian)", row["plan"]} <= set(times)
+    assert all(t > 0 for t in times.values()) and row["tuning_seconds"] > 0
+    assert "forward_laplacian" in times  # the tanh MLP is one the forward Laplacian applies to
+    text = "\n".join(second_order.report([row]))
+    assert "over 1 shapes" in text and row["plan"] in text
+
+
+def test_merge_joins_suites_run_one_at_a_time(tmp_path):
+    assert run.main([*FAST, "--ops", "hessian", "--out", str(tmp_path / "a"), "--no-plot"]) == 0
+    tiny = _load(tmp_path / "a")
+
+    def as_suite(name: str, **settings) -> Run:
+        cases = [c.model_copy(update={"suite": name}) for c in tiny.cases]
+        return tiny.model_copy(update={"cases": cases, "settings": tiny.settings.model_copy(
+            update={"suites": [name], **settings})})
+
+    full = dict(run.MODES["full"], tune_budget=tiny.settings.tune_budget)
+    parts = [as_suite(name, **full) for name in ("design-grid", "second-order", "workloads")]
+    merged = run.merge(parts)
+    assert merged.settings.mode == "full" and merged.settings.suites == ["design-grid", "second-order", "workloads"]
+    assert len(merged.cases) == 3 * len(tiny.cases)
+    assert {(g.suite, g.op) for g in merged.summaries} >= {("second-order", "hessian"), ("all", "all")}
+    overall = next(g for g in merged.summaries if g.suite == "all" and g.op == "all")
+    assert overall.cases == len(merged.cases)
+    assert run.merge(parts[:2]).settings.mode == "custom"  # not every suite of a full run
+
+    with pytest.raises(ValueError, match="suite tiny appears in two runs"):
+        run.merge([tiny, tiny])
+    with pytest.raises(ValueError, match=r"different settings \(min_time\)"):
+        run.merge([tiny, as_suite("quick", min_time=1.0)])
+    other_machine = as_suite("quick").model_copy(update={"machine": tiny.machine.model_copy(update={"threads": 7})})
+    with pytest.raises(ValueError, match=r"threads is \d+ in one, 7 in another"):
+        run.merge([tiny, other_machine])
+
+    (tmp_path / "b.json").write_text(parts[0].model_dump_json())
+    (tmp_path / "c.json").write_text(parts[1].model_dump_json())
+    (tmp_path / "d.json").write_text(parts[2].model_dump_json())
+    out = tmp_path / "merged"
+    assert run.main(["--merge", *(str(tmp_path / f"{n}.json") for n in "bcd"), "--out", str(out), "--no-plot"]) == 0
+    assert (out / "SUMMARY.md").exists()
+    (written,) = out.glob("*-full.json")
+    assert Run.model_validate_json(written.read_text()).cases == merged.cases
