@@ -232,7 +232,8 @@ class Planner:
 
         with preserved_buffers(describe(problem.f).modules()):
             try:
-                outcome = choose(pool, run, clock=clock, settings=settings, tune=tune, started=started)
+                outcome = choose(pool, run, clock=clock, settings=settings, tune=tune, started=started,
+                                 chunk_first_above=memory.chunk_first_above(problem.x.device))
             except NoCandidateError as error:
                 reasons = {**excluded, **error.reasons}
                 raise NoCandidateError(sig.op, reasons, _memory_hint(reasons, sig.batch)) from None

@@ -51,9 +51,11 @@ class Outcome:
 
 
 def choose(pool: Sequence[Candidate], run: Callable[[Candidate], Tensor], *, clock: Clock,
-           settings: TuneSettings, tune: bool, started: float | None = None) -> Outcome:
-    """Try the candidates and pick the winner; see `_Tuning`."""
-    return _Tuning(pool, run, clock, settings, tune, started).go()
+           settings: TuneSettings, tune: bool, started: float | None = None,
+           chunk_first_above: int | None = None) -> Outcome:
+    """Try the candidates and pick the winner; see `_Tuning`. A strategy whose unchunked memory
+    estimate is over `chunk_first_above` bytes is first tried at its largest chunk."""
+    return _Tuning(pool, run, clock, settings, tune, started, chunk_first_above).go()
 
 
 @dataclass
@@ -67,10 +69,12 @@ class _ResultClass:
 class _Tuning:
     """One tuning run.
 
-    1. Unchunked candidates in heuristic order: one warm-up call (its result is cross-checked
-       against the others'), then one timed call; one already `drop_factor` times slower than
-       the best so far is dropped. Errors and out-of-memory exclude a candidate with its reason.
-    2. Chunked variants, for strategies within `chunk_margin` of the best or that did not fit.
+    1. Each strategy's first form in heuristic order: one warm-up call (its result is
+       cross-checked against the others'), then one timed call; one already `drop_factor` times
+       slower than the best so far is dropped. Errors and out-of-memory exclude a candidate with
+       its reason. The first form is the unchunked one, or the largest chunk where the unchunked
+       one did not fit or is estimated over `chunk_first_above` bytes.
+    2. The other forms, for strategies within `chunk_margin` of the best or that did not fit.
     3. Timed rounds over the survivors, interleaved so that drift hits all alike, until each
        has its share of the budget or `max_repeats` calls; the median is kept.
     4. Results that disagree with the majority are excluded. The fastest wins; medians within
@@ -79,8 +83,9 @@ class _Tuning:
     """
 
     def __init__(self, pool: Sequence[Candidate], run: Callable[[Candidate], Tensor], clock: Clock,
-                 settings: TuneSettings, tune: bool, started: float | None):
+                 settings: TuneSettings, tune: bool, started: float | None, chunk_first_above: int | None = None):
         self.pool, self.run, self.clock, self.settings, self.tune = list(pool), run, clock, settings, tune
+        self.chunk_first_above = chunk_first_above
         self.started = clock.now() if started is None else started
         self.samples: dict[str, Samples] = {}
         self.excluded: dict[str, str] = {}
@@ -90,25 +95,38 @@ class _Tuning:
         self.unfit: set[str] = set()  # strategies that did not fit in memory unchunked
 
     def go(self) -> Outcome:
-        unchunked = [c for c in self.pool if c.chunk is None]
-        chunked = [c for c in self.pool if c.chunk is not None]
-        # A strategy whose every unchunked form was over budget starts at its chunks.
-        no_whole = {c.strategy.name for c in chunked} - {c.strategy.name for c in unchunked}
-        self.unfit |= no_whole
-        for candidate in unchunked:
+        first, others = self._first_forms()
+        for candidate in first:
             if self._warm_up(candidate) and not self.tune:
                 return self._outcome(candidate)
         promising = self._promising()
-        for candidate in chunked:
+        for candidate in others:
             if candidate.strategy.name in promising and self._warm_up(candidate) and not self.tune:
                 return self._outcome(candidate)
             if candidate.strategy.name not in promising:
-                self.excluded[candidate.label] = (f"not timed: its unchunked form was not within "
+                self.excluded[candidate.label] = (f"not timed: its first form was not within "
                                                   f"{self.settings.chunk_margin:g}x of the best")
         if not self.samples:
             raise NoCandidateError("result", self.excluded)
         self._rounds()
         return self._outcome(self._winner())
+
+    def _first_forms(self) -> tuple[list[Candidate], list[Candidate]]:
+        """Each strategy's first form, and the other forms, both in pool (heuristic) order."""
+        first: dict[str, Candidate] = {}
+        for candidate in self.pool:  # a strategy's forms come unchunked first, then largest chunk first
+            name = candidate.strategy.name
+            if name not in first:
+                first[name] = candidate
+                if candidate.chunk is not None:  # its unchunked form was over the memory budget
+                    self.unfit.add(name)
+            elif first[name].chunk is None and candidate.chunk is not None and self._too_big_whole(first[name]):
+                first[name] = candidate
+        chosen = set(map(id, first.values()))
+        return ([c for c in self.pool if id(c) in chosen], [c for c in self.pool if id(c) not in chosen])
+
+    def _too_big_whole(self, candidate: Candidate) -> bool:
+        return self.chunk_first_above is not None and candidate.memory > self.chunk_first_above
 
     def _spent(self) -> float:
         return self.clock.now() - self.started

@@ -13,6 +13,9 @@ from .schema import TIMED, CaseResult, GroupSummary, Machine, Run
 
 REPRODUCE = 'python -m pip install -e ".[bench]" && python -m benchmarks.run'
 ALL = "all"
+CHOICE_ALONE = ("'Choice alone' is the chosen strategy's time as a fixed contender over the oracle's: the "
+                "quality of the choice apart from autojac's dispatch and the noise between two timings of the "
+                "same work.")
 
 
 def geomean(values: Iterable[float]) -> float | None:
@@ -44,6 +47,15 @@ def _strategy_times(case: CaseResult) -> dict[str, float]:
     return best
 
 
+def choice_regret(case: CaseResult) -> float | None:
+    """The chosen strategy's time as a fixed contender over the oracle's: regret without autojac's
+    own dispatch and without the noise between two timings of the same work."""
+    chosen = next((m for m in case.measurements if m.label == case.chosen and m.kind == "fixed"), None)
+    if chosen is None or chosen.status not in TIMED or not chosen.median or not case.oracle_time:
+        return None
+    return chosen.median / case.oracle_time
+
+
 def summarize(cases: list[CaseResult], suite: str, op: str) -> GroupSummary:
     """Aggregates over `cases` (already those of one suite and operation, or any mix)."""
     measured = [c for c in cases if c.status == "ok" and c.regret is not None]
@@ -54,12 +66,14 @@ def summarize(cases: list[CaseResult], suite: str, op: str) -> GroupSummary:
         wins[parse_label(c.oracle or "")[0]] += 1
         for name, seconds in _strategy_times(c).items():
             slowdowns[name].append(seconds / (c.oracle_time or seconds))
+    choices = [r for r in map(choice_regret, measured) if r is not None]
     return GroupSummary(
         suite=suite, op=op, cases=len(cases), measured=len(measured),
         regret_geomean=geomean(c.regret for c in measured),
         regret_worst=worst.regret if worst else None,
         regret_worst_case=case_name(worst) if worst else None,
         within_110=sum(c.regret <= 1.10 for c in measured) / len(measured) if measured else None,
+        choice_regret_geomean=geomean(choices), choice_regret_worst=max(choices, default=None),
         speedup_tutorial_geomean=geomean(c.speedup_tutorial for c in measured if c.speedup_tutorial),
         speedup_full_geomean=geomean(c.speedup_full for c in measured if c.speedup_full),
         tuning_seconds_median=median([c.tuning_seconds for c in measured if c.tuning_seconds is not None]),
@@ -99,13 +113,14 @@ def machine_line(m: Machine) -> str:
 
 def headline_table(run: Run, groups: list[GroupSummary]) -> list[str]:
     lines = ["| suite | op | cases | measured | regret (geomean) | worst regret | regret <= 1.10 "
-             "| speed-up over tutorial | over full-batch | tuning (median s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| choice alone (geomean, worst) | speed-up over tutorial | over full-batch | tuning (median s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         worst = f"{_fmt(g.regret_worst)} ({g.regret_worst_case})" if g.regret_worst else "-"
         share = "-" if g.within_110 is None else f"{g.within_110:.0%}"
+        choice = f"{_fmt(g.choice_regret_geomean)}, {_fmt(g.choice_regret_worst)}"
         lines.append(f"| {g.suite} | {g.op} | {g.cases} | {g.measured} | {_fmt(g.regret_geomean)} | {worst} | {share} "
-                     f"| {_fmt(g.speedup_tutorial_geomean, '.2f', 'x')} | {_fmt(g.speedup_full_geomean, '.2f', 'x')} "
+                     f"| {choice} | {_fmt(g.speedup_tutorial_geomean, '.2f', 'x')} | {_fmt(g.speedup_full_geomean, '.2f', 'x')} "
                      f"| {_fmt(g.tuning_seconds_median, '.2f')} |")
     return lines
 
@@ -194,7 +209,8 @@ def markdown(run: Run) -> str:
            f"autojac's tuning budget {run.settings.tune_budget:g} s per plan; {run.seconds:.0f} s in all. "
            f"Command: `{run.settings.command}`", "",
            "Regret is autojac's tuned public call over the fastest fixed strategy (the oracle) on the same "
-           "shape, timed side by side in one process; speed-ups are the baseline's time over autojac's.", ""]
+           "shape, timed side by side in one process; speed-ups are the baseline's time over autojac's. "
+           f"{CHOICE_ALONE}", ""]
     if run.notes:
         out += ["Notes:", *[f"- {n}" for n in run.notes], ""]
     out += ["## Summary", "", *headline_table(run, run.summaries), "", "Targets:", "", *targets(run), ""]
@@ -214,7 +230,7 @@ def readme_fragment(run: Run, plot: str | None) -> str:
     """The README section the runner keeps up to date (benchmarks/results/SUMMARY.md)."""
     out = [f"Measured {run.created:%Y-%m-%d} on {run.machine.device_name} ({run.machine.threads} threads), "
            f"torch {run.machine.torch}; reproduce with:", "", "```bash", REPRODUCE, "```", "",
-           *headline_table(run, [g for g in run.summaries if g.suite != ALL or g.op == ALL]), ""]
+           *headline_table(run, [g for g in run.summaries if g.suite != ALL or g.op == ALL]), "", CHOICE_ALONE, ""]
     if run.notes:
         out += [*[f"- {n}" for n in run.notes], ""]
     out += ["Targets:", "", *targets(run), ""]

@@ -141,6 +141,10 @@ class GroupSummary(_Model):
     regret_worst: float | None = None
     regret_worst_case: str | None = None
     within_110: float | None = Field(default=None, description="Share of cases with regret <= 1.10.")
+    choice_regret_geomean: float | None = Field(
+        default=None, description="Geometric mean of the chosen strategy's own fixed time over the oracle's: the "
+                                  "quality of the choice apart from dispatch overhead and timing noise.")
+    choice_regret_worst: float | None = None
     speedup_tutorial_geomean: float | None = None
     speedup_full_geomean: float | None = None
     tuning_seconds_median: float | None = None

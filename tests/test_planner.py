@@ -176,3 +176,24 @@ def test_no_candidate_starts_when_less_budget_is_left_than_the_best_time():
     pool = [make("a", rank=0), make("b", rank=1)]
     outcome = tune(pool, {"a": 1.0, "b": 0.5}, settings=TuneSettings(budget=2.5))
     assert "b" not in outcome.samples and "tuning budget" in outcome.excluded["b"]
+
+
+def test_a_strategy_too_big_to_run_whole_is_first_tried_at_its_largest_chunk():
+    pool = [make("big", memory=200, rank=0), make("big", memory=50, rank=0, chunk=64),
+            make("big", memory=20, rank=0, chunk=16), make("small", memory=10, rank=1)]
+    costs = {"big": 3.0, "big[chunk=64]": 1.0, "big[chunk=16]": 1.2, "small": 2.0}
+    for tuned in (True, False):
+        clock, calls = FakeClock(), []
+        outcome = choose(pool, runner(clock, costs, calls=calls), clock=clock, settings=SETTINGS, tune=tuned,
+                         chunk_first_above=100)
+        assert outcome.winner.label == "big[chunk=64]"
+        assert calls[0] == "big[chunk=64]"
+    # warm-up and timed call of each first form, then the other forms of the promising strategy
+    clock, calls = FakeClock(), []
+    choose(pool, runner(clock, costs, calls=calls), clock=clock, settings=SETTINGS, tune=True, chunk_first_above=100)
+    assert calls[:4] == ["big[chunk=64]", "big[chunk=64]", "small", "small"]
+    assert {"big", "big[chunk=16]"} <= set(calls[4:])
+    # without a limit (a GPU), or under it, the whole basis goes first
+    clock, calls = FakeClock(), []
+    choose(pool, runner(clock, costs, calls=calls), clock=clock, settings=SETTINGS, tune=True)
+    assert calls[0] == "big"
