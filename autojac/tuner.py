@@ -93,6 +93,7 @@ class _Tuning:
         self.classes: list[_ResultClass] = []
         self.last_result: Tensor | None = None  # with tuning off, the answer itself
         self.unfit: set[str] = set()  # strategies that did not fit in memory unchunked
+        self.chunked_first: set[str] = set()  # strategies first tried chunked for their size
 
     def go(self) -> Outcome:
         first, others = self._first_forms()
@@ -101,9 +102,13 @@ class _Tuning:
                 return self._outcome(candidate)
         promising = self._promising()
         for candidate in others:
-            if candidate.strategy.name in promising and self._warm_up(candidate) and not self.tune:
+            # A whole basis first tried in chunks is tried whole too: the size estimate that put
+            # its chunks first is an upper bound, and at small sizes chunks only add overhead.
+            worth = candidate.strategy.name in promising or (
+                candidate.chunk is None and candidate.strategy.name in self.chunked_first)
+            if worth and self._warm_up(candidate) and not self.tune:
                 return self._outcome(candidate)
-            if candidate.strategy.name not in promising:
+            if not worth:
                 self.excluded[candidate.label] = (f"not timed: its first form was not within "
                                                   f"{self.settings.chunk_margin:g}x of the best")
         if not self.samples:
@@ -122,6 +127,7 @@ class _Tuning:
                     self.unfit.add(name)
             elif first[name].chunk is None and candidate.chunk is not None and self._too_big_whole(first[name]):
                 first[name] = candidate
+                self.chunked_first.add(name)
         chosen = set(map(id, first.values()))
         return ([c for c in self.pool if id(c) in chosen], [c for c in self.pool if id(c) not in chosen])
 

@@ -193,6 +193,12 @@ def test_a_strategy_too_big_to_run_whole_is_first_tried_at_its_largest_chunk():
     choose(pool, runner(clock, costs, calls=calls), clock=clock, settings=SETTINGS, tune=True, chunk_first_above=100)
     assert calls[:4] == ["big[chunk=64]", "big[chunk=64]", "small", "small"]
     assert {"big", "big[chunk=16]"} <= set(calls[4:])
+    # the whole basis is tried even when its chunk was not near the best: chunks can be what is slow
+    costs = {"big": 0.5, "big[chunk=64]": 4.0, "big[chunk=16]": 5.0, "small": 2.0}
+    clock, calls = FakeClock(), []
+    outcome = choose(pool, runner(clock, costs, calls=calls), clock=clock, settings=SETTINGS, tune=True,
+                     chunk_first_above=100)
+    assert outcome.winner.label == "big" and "big[chunk=16]" not in calls
     # without a limit (a GPU), or under it, the whole basis goes first
     clock, calls = FakeClock(), []
     choose(pool, runner(clock, costs, calls=calls), clock=clock, settings=SETTINGS, tune=True)
