@@ -11,7 +11,7 @@ from autojac.models import parse_label
 
 from .schema import TIMED, CaseResult, GroupSummary, Machine, Run
 
-REPRODUCE = 'python -m pip install -e ".[bench]" && python -m benchmarks.run'
+INSTALL = 'python -m pip install -e ".[bench]"'
 ALL = "all"
 CHOICE_ALONE = ("'Choice alone' is the chosen strategy's time as a fixed contender over the oracle's: the "
                 "quality of the choice apart from autojac's dispatch and the noise between two timings of the "
@@ -228,8 +228,9 @@ def markdown(run: Run) -> str:
 
 def readme_fragment(run: Run, plot: str | None) -> str:
     """The README section the runner keeps up to date (benchmarks/results/SUMMARY.md)."""
+    command = f"{INSTALL} && {run.settings.command}"
     out = [f"Measured {run.created:%Y-%m-%d} on {run.machine.device_name} ({run.machine.threads} threads), "
-           f"torch {run.machine.torch}; reproduce with:", "", "```bash", REPRODUCE, "```", "",
+           f"torch {run.machine.torch}; reproduce with:", "", "```bash", command, "```", "",
            *headline_table(run, [g for g in run.summaries if g.suite != ALL or g.op == ALL]), "", CHOICE_ALONE, ""]
     if run.notes:
         out += [*[f"- {n}" for n in run.notes], ""]

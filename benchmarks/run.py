@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory", choices=("none", "key", "all"),
                         help="CPU peak memory (a subprocess per contender): never; for B >= 512 of autojac's "
                              "choice, the oracle and the baselines (full default); of every contender")
+    parser.add_argument("--no-coupled-only", dest="coupled_only", action="store_false", default=None,
+                        help="do not time the strategies autojac keeps for batch-coupled f (full_diag, full_hessian, "
+                             "full_hvp) on batch-independent f: at B >= 512 they take most of a full run's time")
     parser.add_argument("--summary", action="store_true", help="also write SUMMARY.md (a full run always does)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="RUN.json",
@@ -74,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace, argv: Sequence[str], ops: list[str]) -> Settings:
     base = "quick" if args.quick else "full"
     values = dict(MODES[base])
-    for key in ("min_time", "call_cap", "tune_budget", "chunks", "memory"):
+    for key in ("min_time", "call_cap", "tune_budget", "chunks", "memory", "coupled_only"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if values["tune_budget"] is not None:

@@ -239,3 +239,20 @@ def test_merge_joins_suites_run_one_at_a_time(tmp_path):
     assert (out / "SUMMARY.md").exists()
     (written,) = out.glob("*-full.json")
     assert Run.model_validate_json(written.read_text()).cases == merged.cases
+
+
+def test_settings_follow_the_mode_and_the_flags(monkeypatch):
+    monkeypatch.setenv("AUTOJAC_TUNE_BUDGET", "1.0")  # _settings exports the quick mode's budget; undone after
+
+    def settings(*argv):
+        args = run.build_parser().parse_args(list(argv))
+        return run._settings(args, list(argv), ["jacobian"])
+
+    full = settings()
+    assert full.mode == "full" and full.coupled_only and full.memory == "key" and full.min_repeats == 7
+    trimmed = settings("--memory", "none", "--no-coupled-only")
+    assert trimmed.mode == "full" and not trimmed.coupled_only and trimmed.memory == "none"
+    assert trimmed.command == "python -m benchmarks.run --memory none --no-coupled-only"
+    quick = settings("--quick")
+    assert quick.mode == "quick" and not quick.coupled_only and quick.chunks == "unchunked"
+    assert settings("--suite", "tiny").mode == "custom"
