@@ -92,16 +92,26 @@ def _memory_hint(reasons: dict[str, str], batch: int) -> str:
             f"pieces (torch.split(x, {piece})) and concatenate the results with torch.cat")
 
 
-@contextlib.contextmanager
-def preserved_buffers(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Restore every buffer (BatchNorm's running statistics, say) after tuning has run f."""
-    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers(recurse=False)]
-    try:
-        yield
-    finally:
+class BufferSnapshot:
+    """Every buffer of some modules (BatchNorm's running statistics, say) as it was when taken."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.saved = [(b, b.detach().clone()) for m in modules for b in m.buffers(recurse=False)]
+
+    def restore(self) -> None:
         with torch.no_grad():
-            for buffer, copy in saved:
+            for buffer, copy in self.saved:
                 buffer.copy_(copy)
+
+
+@contextlib.contextmanager
+def preserved_buffers(modules: Sequence[nn.Module]) -> Iterator[BufferSnapshot]:
+    """Restore every buffer after the block has run f (probes, tuning)."""
+    snapshot = BufferSnapshot(modules)
+    try:
+        yield snapshot
+    finally:
+        snapshot.restore()
 
 
 def check_devices(modules: Sequence[nn.Module], x: Tensor) -> None:
@@ -223,20 +233,30 @@ class Planner:
         if not pool:
             raise NoCandidateError(sig.op, excluded, _memory_hint(excluded, sig.batch))
         backward = _BackwardPass() if tune and sig.create_graph else None
+        # Tuning runs f many times and leaves its buffers as they were; then the caller's call
+        # runs the winner once. Without tuning, the winner's one run is the caller's call: each
+        # attempt starts from the buffers as they were, and the winner's update stays.
+        buffers = BufferSnapshot(describe(problem.f).modules())
 
         def run(candidate: Candidate) -> Tensor:
+            if not tune:
+                buffers.restore()
             result = candidate.strategy(problem, candidate.chunk)
             if backward is not None:  # with create_graph the user pays for a backward pass too
                 backward(result)
             return result
 
-        with preserved_buffers(describe(problem.f).modules()):
-            try:
-                outcome = choose(pool, run, clock=clock, settings=settings, tune=tune, started=started,
-                                 chunk_first_above=memory.chunk_first_above(problem.x.device))
-            except NoCandidateError as error:
-                reasons = {**excluded, **error.reasons}
-                raise NoCandidateError(sig.op, reasons, _memory_hint(reasons, sig.batch)) from None
+        kept = False
+        try:
+            outcome = choose(pool, run, clock=clock, settings=settings, tune=tune, started=started,
+                             chunk_first_above=memory.chunk_first_above(problem.x.device))
+            kept = not tune
+        except NoCandidateError as error:
+            reasons = {**excluded, **error.reasons}
+            raise NoCandidateError(sig.op, reasons, _memory_hint(reasons, sig.batch)) from None
+        finally:
+            if not kept:
+                buffers.restore()
         samples = {label: s for label, s in outcome.samples.items() if s.seconds}
         plan = Plan(
             key=sig.key, op=sig.op, strategy=outcome.winner.strategy.name, chunk=outcome.winner.chunk,

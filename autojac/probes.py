@@ -1,9 +1,10 @@
 """What autojac learns about f by running it, once per signature.
 
 - output: f(x) must be one floating tensor of shape (B, *out); the per-sample out shape.
-- batch independence: a vector-Jacobian product seeded on one sample must be exactly zero on
-  every other sample (checked for the first and the last sample, with random seeds so that
-  no structure of f, such as a softmax over the batch, can cancel it). B == 1 is independent.
+- batch independence: no sample's input may move another sample's output. Checked for every
+  pair of samples with 1 + ceil(log4 B) vector-Jacobian products with random seeds (so that no
+  structure of f, such as a softmax over the batch, can cancel it); see `_coupling`. B == 1
+  is independent.
 - determinism: two calls of f on the same x agree within the dtype's tolerance.
 - vmap: f runs under torch.func.vmap on single samples and agrees with the batched call.
 - activations: bytes f saves for backward over the whole batch, for memory estimates.
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -106,29 +108,53 @@ class _SavedBytes:
 
 
 def _coupling(y: Tensor, xg: Tensor) -> str:
-    """Empty if each sample's output depends on its own input only, else why not."""
+    """Empty if each sample's output depends on its own input only, else why not.
+
+    One vector-Jacobian product seeds every sample with a random r[b]; then, for each base-4
+    digit of the sample index, another seeds r[b] * 2**digit(b). Each backward operation is
+    linear in its seed and scaling by a power of two is exact in floating point, so for a
+    batch-independent f every sample's gradient comes back scaled by exactly its own factor;
+    a sample that received anything from a sample of another factor does not. That covers
+    every pair of samples in 1 + ceil(log4 B) backward passes. A mismatch is confirmed by an
+    exact test (seeded on the other factors' samples only, the gradient must be zero), so
+    rounding or a nondeterministic kernel cannot make f look coupled.
+    """
     batch = xg.shape[0]
     if batch == 1 or not y.requires_grad:
         return ""
     generator = torch.Generator(device=y.device).manual_seed(0)
-    # Seed samples whose inputs are finite: 0 * NaN on another sample is NaN, not coupling.
-    finite = xg.detach().reshape(batch, -1).isfinite().all(dim=1).nonzero().flatten().tolist()
-    seeded = (finite[0], finite[-1]) if finite else (0, batch - 1)
-    for sample in dict.fromkeys(seeded):
-        seed = torch.zeros_like(y)
-        seed[sample] = torch.randn(y.shape[1:], generator=generator, dtype=y.dtype, device=y.device)
-        (grad,) = torch.autograd.grad(y, xg, seed, retain_graph=True, allow_unused=True)
-        if grad is None:
-            return ""
-        grad = grad.reshape(batch, -1)
-        touched = (grad.ne(0) & grad.isfinite()).any(dim=1)
-        touched[sample] = False
-        if bool(touched.any()):
-            others = touched.nonzero().flatten().tolist()
-            shown = ", ".join(map(str, others[:5])) + (", ..." if len(others) > 5 else "")
-            return (f"a vector-Jacobian product seeded on sample {sample} is nonzero on "
-                    f"sample(s) {shown}: outputs depend on other samples' inputs")
+    # Only samples with finite inputs are seeded: 0 * NaN on another sample is NaN, not coupling.
+    finite = xg.detach().reshape(batch, -1).isfinite().all(dim=1)
+    seed = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device) * _per_sample(finite, y)
+    base = _pullback(y, xg, seed)
+    if base is None:  # y does not depend on x at all
+        return ""
+    index = torch.arange(batch, device=y.device)
+    for place in range(max(1, math.ceil(math.log(batch, 4)))):
+        factor = torch.pow(2.0, (index // 4**place) % 4).to(y.dtype)  # 1, 2, 4 or 8 per sample
+        scaled = _pullback(y, xg, seed * _per_sample(factor, y))
+        expected = base * _per_sample(factor, base)
+        differs = (scaled != expected) & (scaled.isfinite() | expected.isfinite())
+        for sample in differs.reshape(batch, -1).any(dim=1).nonzero().flatten().tolist():
+            others = finite & (factor != factor[sample])
+            grad = _pullback(y, xg, seed * _per_sample(others, y))[sample]
+            if bool((grad.ne(0) & grad.isfinite()).any()):
+                seeded = others.nonzero().flatten().tolist()
+                shown = ", ".join(map(str, seeded[:5])) + (", ..." if len(seeded) > 5 else "")
+                return (f"a vector-Jacobian product seeded on sample(s) {shown} is nonzero on sample {sample}: "
+                        f"outputs depend on other samples' inputs")
+            break  # rounding, not coupling: the exact test found nothing
     return ""
+
+
+def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """(B,) values shaped to broadcast over `like` (B, ...), in its dtype."""
+    return values.to(like.dtype).view(-1, *(1,) * (like.dim() - 1))
+
+
+def _pullback(y: Tensor, xg: Tensor, seed: Tensor) -> Tensor | None:
+    (grad,) = torch.autograd.grad(y, xg, seed, retain_graph=True, allow_unused=True)
+    return grad
 
 
 def _vmap_error(f: BatchedFn, x: Tensor, y: Tensor) -> str:

@@ -1,14 +1,26 @@
 """The problem signature: everything that changes which strategy wins, and its hash (the key).
 
 Fingerprints of `f` cover code and structure, never weights: for an nn.Module its classes,
-their forward code, hyperparameters (extra_repr), parameter and buffer shapes; for a
-function its qualified name, code, defaults, and what it closes over or reads from its
-globals (modules, tensors' shapes, other functions, plain constants). The training flags of
-every module reached are read on each call, since `model.eval()` changes the answer.
+their forward code, hyperparameters (extra_repr), parameter and buffer shapes, and the public
+attributes of modules of the user's own classes; for a function its qualified name, code,
+defaults, and what it closes over or reads from its globals; for a bound method or a callable
+object, the object's public attributes too. Containers (up to 32 items) are walked.
+
+Values that select behaviour (bool, None, str, enum members) are part of the fingerprint
+wherever f reads them. Numbers are part of it only where they are fixed when f is made
+(defaults, closure cells, partial arguments): a number read from a global or an attribute
+is often a step counter or a schedule, and making it part of the key would tune again on
+every step. The training flags of every module reached are read on each call, since
+`model.eval()` changes the answer.
+
+The description is cached per function object. Every call walks what f reaches once more,
+cheaply (object identities only), and describes f again when anything it reads was rebound:
+a global, an attribute, a submodule swapped for another.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 import json
@@ -22,9 +34,14 @@ import torch
 from torch import Tensor, nn
 
 from .models import FORMAT_VERSION
+
 TORCH_VERSION = torch.__version__
-_MAX_DEPTH = 4
-_PRIMITIVES = (int, float, bool, str, bytes, type(None), complex)
+_MAX_DEPTH = 4  # how far into closures, globals and attributes the walk goes (module trees: all the way)
+_MAX_ITEMS = 32  # containers and attribute sets longer than this are not walked
+_MAX_PARTS = 4096  # the walk stops here, so that f reaching a huge object graph stays cheap
+_SWITCHES = (bool, str, type(None), enum.Enum)  # always part of the fingerprint
+_NUMBERS = (int, float, complex)  # part of it only where fixed when f is made
+_OPAQUE = (types.ModuleType, type, bytes, torch.device, torch.dtype)  # described by name, never walked
 
 
 @dataclass(frozen=True)
@@ -59,140 +76,202 @@ class FnInfo:
     name: str
     fingerprint: str
     module_refs: tuple[weakref.ref, ...]  # every nn.Module reached, held weakly
-    bindings: tuple[int, ...] = ()  # ids of what a function's closure and globals held when described
-
-    def current(self, f: Any) -> bool:
-        """Whether f still reads the same objects (a rebound global makes this stale)."""
-        return _bindings(f) == self.bindings
+    state: tuple[Any, ...] = ()  # identities of what f reached when described (see _Walker)
 
     def modules(self) -> list[nn.Module]:
         """The live modules f reaches (parameters' devices, buffers to restore after tuning)."""
         return [m for m in (r() for r in self.module_refs) if m is not None]
 
-    def training(self) -> tuple[bool, ...] | None:
-        flags = []
-        for ref in self.module_refs:
-            module = ref()
-            if module is None:
-                return None  # a module was collected: this description is stale
-            flags.append(module.training)
-        return tuple(flags)
 
+class _Walker:
+    """Walks f and what it reaches, in one of two modes that visit exactly the same things.
 
-class _Describer:
-    """Walks f and what it reaches, collecting readable parts and modules."""
+    With `rich`, `parts` collects readable text: the fingerprint is its hash. Without, `parts`
+    collects object identities (and modules' training flags): a cheap token that changes when
+    anything the fingerprint is made from is rebound, so that f must be described again.
+    Containers and numbers read at call time add nothing themselves, so that a growing list of
+    losses or a step counter changes neither.
+    """
 
-    def __init__(self) -> None:
-        self.parts: list[str] = []
+    def __init__(self, rich: bool) -> None:
+        self.rich = rich
+        self.parts: list[Any] = []
         self.modules: list[nn.Module] = []
         self._seen: set[int] = set()
 
-    def value(self, obj: Any, depth: int) -> None:
-        if isinstance(obj, _PRIMITIVES):
-            self.parts.append(repr(obj)[:200])
-        elif isinstance(obj, Tensor):
-            self.parts.append(f"tensor{tuple(obj.shape)}{obj.dtype}")
-        elif isinstance(obj, (tuple, list)) and len(obj) <= 32:
-            self.parts.append(f"{type(obj).__name__}[{len(obj)}]")
-            for item in obj:
-                self.value(item, depth)
-        elif isinstance(obj, nn.Module) or callable(obj):
-            self.callable(obj, depth)
-        else:
-            self.parts.append(_qualname(type(obj)))
+    def emit(self, obj: Any, text: Callable[[], str]) -> None:
+        if len(self.parts) < _MAX_PARTS:
+            self.parts.append(text() if self.rich else id(obj))
 
-    def callable(self, f: Any, depth: int) -> None:
-        if id(f) in self._seen or depth > _MAX_DEPTH:
-            self.parts.append(f"<ref {_qualname(type(f))}>")
+    def labelled(self, label: Any, text: Callable[[], str], visit: Callable[[], None]) -> None:
+        """Run `visit`; if it added anything, put the label in front of it."""
+        mark = len(self.parts)
+        visit()
+        if len(self.parts) > mark:
+            self.parts.insert(mark, text() if self.rich else id(label))
+
+    def value(self, obj: Any, depth: int, fixed: bool = False) -> None:
+        """Visit obj; `fixed` when it was bound as f was made (a default, a closure cell)."""
+        if len(self.parts) >= _MAX_PARTS:
             return
-        self._seen.add(id(f))
-        if isinstance(f, nn.Module):
-            self.module(f)
-        elif isinstance(f, types.FunctionType):
-            self.function(f, depth)
-        elif isinstance(f, types.MethodType):
-            self.parts.append(f"method {f.__func__.__qualname__}")
-            self.value(f.__self__, depth + 1)
-            self.function(f.__func__, depth + 1)
-        elif isinstance(f, functools.partial):
-            self.parts.append("partial")
-            self.value(f.func, depth + 1)
-            self.value(f.args, depth + 1)
-            for name, arg in sorted(f.keywords.items()):
-                self.parts.append(name)
-                self.value(arg, depth + 1)
-        elif isinstance(f, (types.BuiltinFunctionType, types.BuiltinMethodType)) or not hasattr(f, "__dict__"):
-            self.parts.append(f"builtin {getattr(f, '__module__', '')}.{getattr(f, '__qualname__', repr(f))}")
-        else:  # a callable object: its class's __call__ and what the instance holds
-            self.parts.append(f"object {_qualname(type(f))}")
-            call = getattr(type(f), "__call__", None)
-            if isinstance(call, types.FunctionType):
-                self.function(call, depth + 1)
-            for name, attr in sorted(vars(f).items()):
-                if isinstance(attr, (nn.Module, Tensor) + _PRIMITIVES) or callable(attr):
-                    self.parts.append(name)
-                    self.value(attr, depth + 1)
+        if isinstance(obj, _SWITCHES) or (fixed and isinstance(obj, _NUMBERS)):
+            self.emit(obj, lambda: repr(obj)[:200])
+        elif isinstance(obj, _NUMBERS):
+            pass  # read at call time: a counter or a schedule, not part of the problem
+        elif isinstance(obj, Tensor):
+            self.emit(obj, lambda: f"tensor{tuple(obj.shape)}{obj.dtype}")
+        elif isinstance(obj, _OPAQUE):
+            self.emit(obj, lambda: repr(obj)[:200])
+        elif isinstance(obj, (tuple, list, dict)):
+            if len(obj) <= _MAX_ITEMS and depth <= _MAX_DEPTH:
+                items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+                for key, item in items:
+                    self.labelled(key, lambda: f"[{_key_text(key)}]",
+                                  lambda: self.value(item, depth + 1, fixed))
+        elif id(obj) in self._seen or depth > _MAX_DEPTH:
+            self.emit(obj, lambda: f"<ref {_qualname(type(obj))}>")
+        else:
+            self._seen.add(id(obj))
+            self.reference(obj, depth)
 
-    def module(self, root: nn.Module) -> None:
-        for name, sub in root.named_modules(remove_duplicate=False):
-            cls = type(sub)
-            self.parts.append(f"{name}:{_qualname(cls)}({sub.extra_repr()})")
-            if not cls.__module__.startswith("torch."):
-                forward = getattr(cls, "forward", None)
-                if isinstance(forward, types.FunctionType):
-                    self.parts.append(_code_digest(forward.__code__))
-            self.modules.append(sub)
-        for name, tensor in root.named_parameters():
-            self.parts.append(f"p {name}{tuple(tensor.shape)}{tensor.dtype}")
-        for name, tensor in root.named_buffers():
-            self.parts.append(f"b {name}{tuple(tensor.shape)}{tensor.dtype}")
+    def reference(self, obj: Any, depth: int) -> None:
+        if isinstance(obj, nn.Module):
+            self.module(obj, depth)
+        elif isinstance(obj, types.FunctionType):
+            self.function(obj, depth)
+        elif isinstance(obj, types.MethodType):
+            self.emit(obj.__func__, lambda: f"method {obj.__func__.__qualname__}")
+            self.value(obj.__self__, depth + 1)
+            self.value(obj.__func__, depth + 1)
+        elif isinstance(obj, functools.partial):
+            self.emit(obj, lambda: "partial")
+            self.value(obj.func, depth + 1)
+            self.value(obj.args, depth + 1, fixed=True)
+            self.value(obj.keywords, depth + 1, fixed=True)
+        elif not hasattr(obj, "__dict__"):  # builtins, C types: nothing of theirs to walk
+            self.emit(obj, lambda: f"builtin {getattr(obj, '__module__', '')}."
+                                   f"{getattr(obj, '__qualname__', _qualname(type(obj)))}")
+        else:  # an object: its class's __call__ and its public attributes
+            self.emit(obj, lambda: f"object {_qualname(type(obj))}")
+            call = getattr(type(obj), "__call__", None)
+            if isinstance(call, types.FunctionType):
+                self.value(call, depth + 1)
+            self.attributes(obj, depth)
+
+    def attributes(self, obj: Any, depth: int) -> None:
+        public = [(name, attr) for name, attr in vars(obj).items() if not name.startswith("_") and name != "training"]
+        if len(public) <= _MAX_ITEMS:
+            for name, attr in public:
+                self.labelled(name, lambda: f".{name}", lambda: self.value(attr, depth + 1))
+
+    def module(self, module: nn.Module, depth: int) -> None:
+        # Module trees are walked whole whatever their depth: their structure decides the plan.
+        if not self.rich:
+            self.module_identities(module, depth)
+            return
+        cls = type(module)
+        self.modules.append(module)
+        self.emit(module, lambda: f"{_qualname(cls)}({module.extra_repr()})")
+        self.parts.append(_hook_text(module))
+        for name, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is not None:
+                self.emit(tensor, lambda: f"{name}{tuple(tensor.shape)}{tensor.dtype}")
+        if _user_class(cls):
+            forward = getattr(cls, "forward", None)
+            if isinstance(forward, types.FunctionType):
+                self.emit(forward.__code__, lambda: _code_digest(forward.__code__))
+            self.attributes(module, depth)
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            self.emit(name, lambda: f"/{name}")
+            if id(child) in self._seen:
+                self.emit(child, lambda: f"<ref {_qualname(type(child))}>")
+            else:
+                self._seen.add(id(child))
+                self.module(child, depth)
+
+    def module_identities(self, root: nn.Module, depth: int) -> None:
+        """The quick walk's part of `module`, on every call: each module's identity and training
+        flag, in a fixed order (tensors are not followed: a swapped module is, a swapped weight
+        is not)."""
+        parts, modules, seen = self.parts, self.modules, self._seen
+        stack = [root]
+        while stack:
+            module = stack.pop()
+            modules.append(module)
+            parts.append(id(module))
+            parts.append(module.training)
+            parts.append(len(module._forward_hooks) + len(module._forward_pre_hooks))
+            if _user_class(type(module)):
+                self.attributes(module, depth)
+            for child in module._modules.values():
+                if child is not None and id(child) not in seen:
+                    seen.add(id(child))
+                    stack.append(child)
 
     def function(self, f: types.FunctionType, depth: int) -> None:
         code = f.__code__
-        self.parts.append(f"fn {f.__module__}.{f.__qualname__} {_code_digest(code)}")
-        for default in (f.__defaults__ or ()):
-            self.value(default, depth + 1)
+        self.emit(code, lambda: f"fn {f.__module__}.{f.__qualname__} {_code_digest(code)}")
+        self.value(f.__defaults__ or (), depth + 1, fixed=True)
+        self.value(f.__kwdefaults__ or {}, depth + 1, fixed=True)
         for name, cell in zip(code.co_freevars, f.__closure__ or ()):
-            self.parts.append(f"free {name}")
-            try:
-                self.value(cell.cell_contents, depth + 1)
-            except ValueError:  # an empty cell
-                self.parts.append("<empty>")
-        for name in _global_names(code):
-            if name in f.__globals__:
-                obj = f.__globals__[name]
-                if isinstance(obj, (nn.Module, Tensor, types.FunctionType, functools.partial)):
-                    self.parts.append(f"global {name}")
-                    self.value(obj, depth + 1)
+            self.labelled(name, lambda: f"free {name}", lambda: self.value(_cell_value(cell), depth + 1, fixed=True))
+        for name in _global_names_cached(code):
+            obj = f.__globals__.get(name, _MISSING)
+            if obj is not _MISSING and not isinstance(obj, (types.ModuleType, type)):  # imports, classes: code
+                self.labelled(name, lambda: f"global {name}", lambda: self.value(obj, depth + 1))
 
 
-def describe(f: Callable[..., Any], *, fresh: bool = False) -> FnInfo:
-    """Name, fingerprint and modules of f; cached per function object (weakly)."""
+_MISSING = object()
+
+
+@functools.lru_cache(maxsize=None)
+def _user_class(cls: type) -> bool:
+    """Whether a module class is the user's own (its forward code and attributes are walked)."""
+    return not cls.__module__.startswith("torch.")
+
+
+def _key_text(key: Any) -> str:
+    return repr(key)[:100] if isinstance(key, (*_SWITCHES, *_NUMBERS)) else _qualname(type(key))
+
+
+def _walk(f: Any, rich: bool) -> _Walker:
+    walker = _Walker(rich)
+    walker.value(f, 0)
+    if walker.modules:  # global hooks run around every module's forward
+        count = len(nn.modules.module._global_forward_hooks) + len(nn.modules.module._global_forward_pre_hooks)
+        walker.parts.append(f"global hooks {count}" if rich else count)
+    return walker
+
+
+def _hook_text(module: nn.Module) -> str:
+    """Forward hooks can change what a module computes (and rule out the forward strategies)."""
+    hooks, pre = len(module._forward_hooks), len(module._forward_pre_hooks)
+    return f"hooks {hooks}+{pre}" if hooks or pre else ""
+
+
+def describe(f: Callable[..., Any]) -> FnInfo:
+    """Name, fingerprint and modules of f, made again only when something f reads was rebound."""
+    return _describe(f, _walk(f, rich=False))[0]
+
+
+def _describe(f: Any, quick: _Walker) -> tuple[FnInfo, tuple[bool, ...]]:
+    """f's description given this call's identity walk, and the training flags of its modules."""
+    state = tuple(quick.parts)
     cache, cache_key = _cache_slot(f)
-    if cache is not None and not fresh:
-        info = cache.get(cache_key)
-        if info is not None and info.current(f):
-            return info
-    walker = _Describer()
-    walker.callable(f, 0)
-    digest = hashlib.sha256("\x1f".join(walker.parts).encode()).hexdigest()[:16]
-    info = FnInfo(_readable_name(f), digest, tuple(weakref.ref(m) for m in walker.modules), _bindings(f))
-    if cache is not None:
-        cache[cache_key] = info
-    return info
+    info = cache.get(cache_key) if cache is not None else None
+    if info is None or info.state != state:
+        walker = _walk(f, rich=True)
+        digest = hashlib.sha256("\x1f".join(map(str, walker.parts)).encode()).hexdigest()[:16]
+        info = FnInfo(_readable_name(f), digest, tuple(weakref.ref(m) for m in walker.modules), state)
+        if cache is not None:
+            cache[cache_key] = info
+    return info, tuple(m.training for m in quick.modules)
 
 
 _FUNCTION_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _METHOD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _bindings(f: Any) -> tuple[int, ...]:
-    """Identities of the objects a plain function reads through its closure and globals."""
-    if not isinstance(f, types.FunctionType):
-        return ()
-    cells = tuple(id(_cell_value(cell)) for cell in f.__closure__ or ())
-    names = _global_names_cached(f.__code__)
-    return cells + tuple(id(f.__globals__.get(name)) for name in names)
 
 
 def _cell_value(cell: types.CellType) -> Any:
@@ -214,7 +293,7 @@ def _cache_slot(f: Any) -> tuple[Any, Any]:
             return _METHOD_CACHE.setdefault(f.__self__, {}), f.__func__
         weakref.ref(f)
         return _FUNCTION_CACHE, f
-    except TypeError:  # not weakly referenceable: describe it on every call
+    except TypeError:  # not weakly referenceable: described again on every call
         return None, None
 
 
@@ -227,11 +306,7 @@ def clear_descriptions() -> None:
 def signature(op: str, f: Callable[..., Any], x: Tensor, *, create_graph: bool = False,
               batch_independent: bool | None = None) -> Signature:
     """The signature of applying `op` to f at a batch shaped like x."""
-    info = describe(f)
-    training = info.training()
-    if training is None:  # a module it described was collected since: describe f again
-        info = describe(f, fresh=True)
-        training = info.training() or ()
+    info, training = _describe(f, _walk(f, rich=False))
     return Signature(
         op=op, in_shape=tuple(x.shape[1:]), batch=x.shape[0], dtype=dtype_name(x.dtype),
         device=x.device.type, device_name=device_name(x.device), create_graph=create_graph,

@@ -88,11 +88,12 @@ def test_a_batch_coupled_function_gets_the_diagonal_blocks():
     assert not plan.batch_independent and plan.strategy == "full_diag"
 
 
-def test_batchnorm_in_training_mode_is_exact_and_tuning_leaves_its_running_stats_as_one_call_would():
+@pytest.mark.parametrize("tune", [True, False], ids=["tuned", "heuristic"])
+def test_batchnorm_in_training_mode_is_exact_and_leaves_its_running_stats_as_one_call_would(tune):
     model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).double()
     twin = copy.deepcopy(model)
     x = torch.randn(6, 3, dtype=torch.float64)
-    result = autojac.jacobian(model, x)
+    result = autojac.jacobian(model, x, tune=tune)
     twin(x)  # what one ordinary forward does to the running statistics
     assert torch.equal(model[1].running_mean, twin[1].running_mean)
     assert torch.equal(model[1].num_batches_tracked, twin[1].num_batches_tracked)

@@ -85,3 +85,40 @@ def test_probes_leave_x_alone():
     x = torch.randn(3, 5)
     run_probes(mlp(5, 2), x)
     assert not x.requires_grad and x.grad is None
+
+
+def test_coupling_between_two_middle_samples_only_is_found():
+    # samples 1 and 2 share a term; the first and last samples are independent
+    def f(x):
+        y = x ** 2
+        shared = (x[1:3] ** 2).sum(0, keepdim=True)
+        return torch.cat([y[:1], y[1:3] * shared, y[3:]])
+
+    probes = run_probes(f, torch.randn(4, 3))
+    assert not probes.batch_independent
+
+
+@pytest.mark.parametrize("pair", [(200, 301), (5, 6), (64, 320), (510, 511)])
+def test_coupling_of_any_one_pair_in_a_large_batch_is_found(pair):
+    i, j = pair
+
+    def f(x):
+        y = torch.tanh(x)
+        return torch.cat([y[:j], y[j:j + 1] + 1e-3 * x[i:i + 1], y[j + 1:]])
+
+    assert not run_probes(f, torch.randn(512, 4)).batch_independent
+
+
+def test_smoothing_along_the_batch_with_fixed_ends_is_coupled():
+    # y[0] and y[-1] pass through: seeding the first or the last sample alone sees nothing
+    def f(x):
+        return torch.cat([x[:1], (x[:-2] + x[2:]) / 2, x[-1:]])
+
+    assert not run_probes(f, torch.randn(9, 2)).batch_independent
+
+
+@pytest.mark.parametrize("batch", [2, 3, 17, 64, 257])
+def test_independent_functions_stay_independent_at_any_batch(batch):
+    model = nn.Sequential(nn.Linear(6, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 3)).double()
+    assert run_probes(model, torch.randn(batch, 6, dtype=torch.float64)).batch_independent
+    assert run_probes(model.float(), torch.randn(batch, 6)).batch_independent

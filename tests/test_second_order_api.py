@@ -198,3 +198,22 @@ def test_bad_inputs_and_outputs_are_refused_as_for_the_jacobian(op):
         call(op, lambda x: x[:3, :1], torch.randn(4, 3), torch.randn(4, 3))
     with pytest.raises(ValueError, match="unknown strategy 'sum_rev' for " + op):
         call(op, mlp(3, 2), torch.randn(4, 3), torch.randn(4, 3), strategy="sum_rev")
+
+
+@pytest.mark.parametrize("where", ["module", "global"])
+def test_a_hook_added_after_planning_makes_a_new_plan(where):
+    torch.manual_seed(0)
+    model = mlp(3, 1, width=8).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert autojac.explain(model, x, op="laplacian").strategy == "forward_laplacian"
+    double = lambda module, args, out: out * 2  # noqa: E731
+    hook = (model[1].register_forward_hook(double) if where == "module"
+            else nn.modules.module.register_module_forward_hook(double))
+    try:
+        expected = second_order_reference("laplacian", loop_hessian(model, x), (3,), None)
+        assert_close(autojac.laplacian(model, x), expected)
+        plan = autojac.explain(model, x, op="laplacian")
+        assert plan.strategy != "forward_laplacian" and "hooks" in plan.excluded["forward_laplacian"]
+    finally:
+        hook.remove()
+    assert autojac.explain(model, x, op="laplacian").strategy == "forward_laplacian"

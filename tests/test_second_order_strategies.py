@@ -112,9 +112,17 @@ def _check_forward_strategies(f: nn.Module) -> None:
     lambda: nn.Sequential(nn.Tanh(), nn.Linear(3, 2)),  # J is still the identity at the first activation
     lambda: nn.Sequential(nn.SiLU()),  # no linear layer at all
     lambda: nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Sigmoid()),  # activations back to back
-], ids=["activation_first", "activation_only", "two_activations"])
+    lambda: _reusing(nn.Tanh(), nn.Linear(4, 4)),  # one activation and one hidden layer applied twice
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.SiLU(inplace=True), nn.Linear(4, 4), nn.ELU(inplace=True),
+                          nn.Linear(4, 2), nn.LeakyReLU(0.5, inplace=True)),  # in-place activations
+], ids=["activation_first", "activation_only", "two_activations", "shared_modules", "in_place"])
 def test_forward_strategies_handle_any_order_of_layers(factory):
     _check_forward_strategies(factory().double())
+
+
+def _reusing(activation: nn.Module, hidden: nn.Linear) -> nn.Sequential:
+    # Sequential.forward runs a module as often as it is listed; children() lists it once
+    return nn.Sequential(nn.Linear(3, 4), activation, hidden, activation, hidden, activation, nn.Linear(4, 2))
 
 
 @pytest.mark.parametrize("f, reason", [

@@ -7,7 +7,9 @@ from torch import nn
 
 from autojac.signature import describe, signature
 
-from helpers import mlp
+import autojac
+
+from helpers import assert_close, diagonal_blocks, mlp
 
 X = torch.randn(4, 5)
 
@@ -86,3 +88,97 @@ def test_the_key_is_stable_across_processes():
             "print(signature('jacobian', mlp(5, 3), torch.randn(4, 5)).key)")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert other.stdout.strip() == key(mlp(5, 3))
+
+
+CENTER = False
+STEP = 0
+
+
+def centred_if_asked(x):
+    return torch.sin(x - x.mean(0)) if CENTER else torch.sin(x)
+
+
+def scaled_by_step(x):
+    return torch.sin(x) * (1 + STEP)
+
+
+def test_a_switch_read_from_a_global_is_part_of_the_fingerprint():
+    global CENTER
+    before = key(centred_if_asked)
+    autojac.jacobian(centred_if_asked, X)  # planned for a batch-independent f
+    CENTER = True
+    try:
+        assert key(centred_if_asked) != before
+        # the switch made f batch-coupled: a plan made before must not be used
+        assert_close(autojac.jacobian(centred_if_asked, X), diagonal_blocks(centred_if_asked, X))
+    finally:
+        CENTER = False
+    assert key(centred_if_asked) == before
+
+
+def test_a_number_read_at_call_time_is_not_so_a_step_counter_does_not_retune():
+    global STEP
+    before = key(scaled_by_step)
+    for STEP in range(1, 4):
+        assert key(scaled_by_step) == before
+    STEP = 0
+
+
+def test_containers_a_function_closes_over_are_walked():
+    def make(config):
+        return lambda x: torch.sin(x - x.mean(0)) if config["center"] else torch.sin(x)
+
+    assert key(make({"center": False})) != key(make({"center": True}))
+    assert key(make({"center": False})) == key(make({"center": False}))
+
+
+class Switchable:
+    def __init__(self, model):
+        self.model = model
+        self.center = False
+        self.step = 0
+        self.losses = []
+
+    def __call__(self, x):
+        self.step += 1
+        self.losses.append(float(x.sum()))
+        return self.model(x - x.mean(0) if self.center else x)
+
+
+def test_a_callable_objects_attributes_are_watched_but_counters_and_histories_are_not():
+    obj = Switchable(mlp(5, 3))
+    first = key(obj)
+    obj(X)  # its step counter and loss history change
+    obj(X)
+    assert key(obj) == first
+    obj.center = True
+    assert key(obj) != first
+
+
+class Trainer:
+    """Not callable itself: f is one of its methods."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def residual(self, x):
+        return self.model(x)
+
+
+def test_a_bound_method_reaches_the_model_its_object_holds():
+    norm = nn.BatchNorm1d(5).eval()
+    trainer = Trainer(norm)
+    evaluated = signature("jacobian", trainer.residual, X)
+    norm.train()
+    trained = signature("jacobian", trainer.residual, X)
+    assert trained.key != evaluated.key and trained.training != evaluated.training
+
+
+def test_a_submodule_swapped_in_place_is_noticed():
+    model = mlp(5, 3)
+    before = key(model)
+    kept = model[1]  # the old submodule stays alive: no identity can be reused
+    model[1] = nn.BatchNorm1d(model[0].out_features)
+    assert key(model) != before
+    model[1] = kept
+    assert key(model) == before

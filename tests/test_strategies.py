@@ -100,3 +100,17 @@ def test_results_are_detached_even_when_x_requires_grad():
         result = strategy(Problem("jacobian", f, x))
         assert not result.requires_grad, strategy.name
     assert x.grad is None and all(p.grad is None for p in f.parameters())
+
+
+@pytest.mark.parametrize("op", ["jacobian", "hessian", "hvp", "hessian_diag", "laplacian"])
+def test_results_have_xs_dtype_when_f_computes_in_another(op):
+    # f casts its float64 input to float32: forward mode would hand back float32 tangents
+    linear = torch.nn.Linear(4, 3)
+    f = lambda x: torch.tanh(linear(x.float()))  # noqa: E731
+    x = torch.randn(2, 4, dtype=torch.float64)
+    v = torch.randn_like(x) if op == "hvp" else None
+    for strategy in for_op(op):
+        if strategy.applies is not None and strategy.applies(Problem(op, f, x, v)):
+            continue
+        result = strategy(Problem(op, f, x, v))
+        assert result.dtype == torch.float64, strategy.name

@@ -119,7 +119,8 @@ def layers_of(f: object) -> tuple[list[nn.Module], str]:
         if module._forward_hooks or module._forward_pre_hooks:
             return [], f"its {type(module).__name__} has forward hooks"
         if type(module) is nn.Sequential:
-            stack.extend(reversed(list(module.children())))
+            # Sequential.forward runs every entry, a module used twice included (children() skips repeats)
+            stack.extend(reversed([m for m in module._modules.values() if m is not None]))
         elif type(module) is nn.Linear or type(module) in ACTIVATIONS:
             layers.append(module)
         else:
@@ -140,9 +141,10 @@ def _applies(p: Problem) -> str:
 
 
 def _run(p: Problem, chunk: int | None) -> Tensor:
-    layers, why = layers_of(p.f)
+    why = _applies(p)  # a plan names this strategy only for f it applied to; a forced name may not
     if why:
         raise ValueError(f"forward strategies need an nn.Sequential of nn.Linear and activations: {why}")
+    layers, _ = layers_of(p.f)
     x = p.x
     carry = _Carry(x, torch.eye(p.n, dtype=x.dtype, device=x.device), None)
     for layer in layers:
@@ -165,7 +167,7 @@ _INNER_DIMS = {"laplacian": 0, "hessian_diag": 1, "hvp": 1, "hessian": 2}
 
 def _activation(c: _Carry, layer: nn.Module, p: Problem) -> _Carry:
     z = c.h
-    a = layer(z)
+    a = layer(z.clone() if getattr(layer, "inplace", False) else z)  # the derivatives below read z
     first, second = ACTIVATIONS[type(layer)](layer, z, a)  # (B, d) each
     # J x J, shaped like S; from a J shared by every sample it is formed once and broadcast.
     product = _first_products(p, c.jac)

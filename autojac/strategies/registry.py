@@ -57,10 +57,12 @@ class Strategy:
         return tuple(c for c in self.chunks if c is None or c < length)
 
     def __call__(self, problem: Problem, chunk: int | None = None) -> Tensor:
-        """Run the strategy: the result is detached unless problem.create_graph."""
+        """Run the strategy: the result has x's dtype, and is detached unless problem.create_graph."""
         grad_mode = contextlib.nullcontext() if problem.create_graph else torch.no_grad()
         with grad_mode:
             result = self.run(problem, chunk)
+            if result.dtype != problem.x.dtype:  # forward mode carries f's output dtype
+                result = result.to(problem.x.dtype)
         return result if problem.create_graph else result.detach()
 
 
