@@ -79,7 +79,7 @@ def read_plan_file(path: Path, max_bytes: int | None = None) -> LoadedPlans:
     except ValidationError:
         pass  # judged again entry by entry below
     else:
-        if whole.format_version == FORMAT_VERSION:
+        if whole.format_version == FORMAT_VERSION and all(key == plan.key for key, plan in whole.entries.items()):
             return LoadedPlans(dict(whole.entries))
     try:
         envelope = _Envelope.model_validate_json(data)
@@ -109,7 +109,11 @@ def read_plan_file(path: Path, max_bytes: int | None = None) -> LoadedPlans:
 
 def write_plan_file(path: Path, plans: Iterable[Plan]) -> None:
     """Write a plan file to ship (readable by all), atomically: temporary file, fsync, rename."""
-    _write_atomically(Path(path), _file_bytes(plans), private=False)
+    path = Path(path)
+    try:
+        _write_atomically(path, _file_bytes(plans), private=False)
+    except OSError as error:  # it would name the temporary file
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from None
 
 
 def _file_bytes(plans: Iterable[Plan]) -> bytes:
@@ -285,10 +289,10 @@ class DiskStore:
             self._seen = identity
             self._give_up(f"cannot read the plan cache {self.path}: {_describe(error)}")
             return None
-        self._seen = identity
-        if loaded.invalid:
+        if loaded.invalid and identity != self._seen:  # once per version of the file, not per read
             _warn(f"autojac: {loaded.invalid} entries of the plan cache {self.path} are not valid plans; "
                   f"ignored (they are dropped at the next write)")
+        self._seen = identity
         return loaded.plans
 
     def _set_aside(self, why: str) -> dict[str, Plan] | None:
@@ -378,10 +382,11 @@ def _pruned(plans: dict[str, Plan], path: Path) -> dict[str, Plan]:
 def _read_bounded(path: Path, max_bytes: int) -> bytes:
     """A regular file's bytes, refusing (unread) anything larger than max_bytes."""
     handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    info = os.fstat(handle)  # before fdopen, which refuses a directory with an unhelpful message
+    if not stat.S_ISREG(info.st_mode):
+        os.close(handle)
+        raise PlanFileError(f"{path} is not a regular file")
     with os.fdopen(handle, "rb") as stream:
-        info = os.fstat(stream.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise PlanFileError(f"{path} is not a regular file")
         if info.st_size > max_bytes:
             raise PlanFileError(f"{path} is {info.st_size / 2**20:.1f} MB, over the limit of "
                                 f"{max_bytes / 2**20:.1f} MB for a plan file")

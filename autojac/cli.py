@@ -45,6 +45,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _plans(args: argparse.Namespace) -> int:
     from . import manage
 
+    if args.op is not None:
+        _check_op(args.op)
     found = manage.plans(op=args.op, device=args.device)
     if args.json:
         print(json.dumps([plan.model_dump(mode="json") for plan in found], indent=1))
@@ -126,6 +128,7 @@ def _warm(args: argparse.Namespace) -> int:
                 how = "heuristic"
             print(f"[{done}/{total}] {op} of {plan.fn_name} B={plan.batch_size} in={_shape(plan.in_shape)} "
                   f"{plan.dtype} {plan.device}: {plan.label} ({how})", flush=True)
+    _check_stored(f"made {_plans_count(total)} but stored none")
     print(f"{_plans_count(total)} in {manage.cache_path() or 'memory'}")
     return 0
 
@@ -140,16 +143,22 @@ def _export(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     from . import manage
+
+    counts = manage.import_plans(args.path)
+    _check_stored("nothing was imported")
+    print(f"imported {args.path} into {manage.cache_path()}: {counts}")
+    return 0
+
+
+def _check_stored(otherwise: str) -> None:
+    """Fail (exit 1) if the plan cache could not be written: CI must not pass without its plans."""
     from .cache import DiskStore
     from .planner import default_planner
 
-    counts = manage.import_plans(args.path)
     store = default_planner().store
     if isinstance(store, DiskStore) and not store.writable:
-        raise OSError(f"could not write the plan cache in {store.directory}; nothing was imported "
+        raise OSError(f"could not write the plan cache in {store.directory}; {otherwise} "
                       f"(set AUTOJAC_CACHE_DIR to a writable directory)")
-    print(f"imported {args.path} into {manage.cache_path()}: {counts}")
-    return 0
 
 
 def _clear(args: argparse.Namespace) -> int:
@@ -331,13 +340,17 @@ def _inputs(args: argparse.Namespace) -> list[Any]:
 
 
 def _ops(args: argparse.Namespace) -> list[str]:
-    from .manage import operations
-
     ops = args.op or ["jacobian"]
     for op in ops:
-        if op not in operations():
-            raise UsageError(f"unknown operation {op!r} for --op; known: {', '.join(operations())}")
+        _check_op(op)
     return ops
+
+
+def _check_op(op: str) -> None:
+    from .manage import operations
+
+    if op not in operations():
+        raise UsageError(f"unknown operation {op!r} for --op; known: {', '.join(operations())}")
 
 
 def _plans_count(count: int) -> str:
@@ -374,7 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as error:  # one line on stderr, exit 1; tracebacks are for --verbose
             if args.verbose:
                 raise
-            text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            # one line, but every line of it: NoCandidateError lists a reason per candidate
+            first, *rest = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [""]
+            text = " ".join([first, "; ".join(rest)]).strip()
             print(f"autojac: error: {type(error).__name__}: {text}", file=sys.stderr)
             return 1
 

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from . import api
 from .memory import format_bytes
+from .planner import Planner, set_default_planner
+from .store import MemoryStore
 from .problem import Problem
 from .strategies import get
 from .strategies.basis import one_sample
@@ -105,7 +107,16 @@ def laplacian_baselines(example: Example) -> dict[str, Callable[[], Tensor]]:
 
 
 def run(min_time: float = 0.3, print_fn: Callable[[str], None] = print) -> list[dict[str, float]]:
-    """Tune every example and print the plan and the speed-ups; returns the figures."""
+    """Tune every example and print the plan and the speed-ups; returns the figures. The plans are
+    kept in memory: the demo leaves the user's plan cache alone."""
+    old = set_default_planner(Planner(store=MemoryStore()))
+    try:
+        return _run(min_time, print_fn)
+    finally:
+        set_default_planner(old)
+
+
+def _run(min_time: float, print_fn: Callable[[str], None]) -> list[dict[str, float]]:
     print_fn(f"autojac demo: torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     figures = []
     for example in examples():
@@ -135,8 +146,9 @@ def _show(example: Example, plan, contenders: dict[str, Callable[[], Tensor]], m
     for name, s in samples.items():
         if name.startswith("autojac"):
             continue
-        print_fn(f"  autojac {ours * 1e3:.3f} ms vs {name} {s.median * 1e3:.3f} ms: "
-                 f"{s.median / ours:.1f}x faster")
+        ratio = s.median / ours
+        verdict = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
+        print_fn(f"  autojac {ours * 1e3:.3f} ms vs {name} {s.median * 1e3:.3f} ms: {verdict}")
         row[name] = s.median
     estimate = plan.memory.get(plan.label)
     if estimate:

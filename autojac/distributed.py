@@ -2,7 +2,8 @@
 
 When a process group is initialized (world size > 1), rank 0 makes plans as usual (tuning,
 writing the cache) and publishes each plan's JSON under its key in the process group's
-key-value store the first time it resolves that signature. Another rank that misses its own
+key-value store the first time it resolves that signature in the group (also a plan it made
+before the group existed). Another rank that misses its own
 memory and cache waits for that key instead of tuning, so every rank runs the same strategy,
 only rank 0 benchmarks and only rank 0 writes the cache. A rank that already has the plan does
 not wait at all (nothing collective happens). A rank that waits longer than
@@ -26,13 +27,19 @@ from .strategies import registry
 
 DEFAULT_TIMEOUT = 60.0
 _PREFIX = "autojac/plan/"
-_published: set[str] = set()
+_AVAILABLE = dist.is_available()
+_published: set[tuple[int, str]] = set()  # (the group's store, plan key): a new group needs the plans again
 _guard = threading.Lock()
+
+
+def group_started() -> bool:
+    """Whether a process group is initialized (cheap: asked on every cached call)."""
+    return _AVAILABLE and dist.is_initialized()
 
 
 def active() -> bool:
     """Whether a process group of more than one rank is initialized."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return group_started() and dist.get_world_size() > 1
 
 
 def is_follower() -> bool:
@@ -44,11 +51,12 @@ def publish(plan: Plan) -> None:
     """On rank 0: make `plan` available to the other ranks (once per key and process)."""
     if not active() or dist.get_rank() != 0:
         return
+    store = _store()
     with _guard:
-        if plan.key in _published:
+        if (id(store), plan.key) in _published:
             return
-        _published.add(plan.key)
-    _store().set(_PREFIX + plan.key, plan.model_dump_json())
+        _published.add((id(store), plan.key))
+    store.set(_PREFIX + plan.key, plan.model_dump_json())
 
 
 def fetch(key: str, op: str) -> tuple[Plan | None, str]:

@@ -6,10 +6,10 @@ in a plan is ever executed or unpickled.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 OPS = ("jacobian", "hessian", "hvp", "hessian_diag", "laplacian")
 FILE_FORMAT = "autojac-plans"
@@ -25,6 +25,18 @@ Key = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _made_already(when: datetime) -> datetime:
+    """In UTC, and not in the future: a crafted date far ahead would keep a plan from ever being
+    replaced by a newer one (a day of slack covers clocks that disagree)."""
+    if when > _now() + timedelta(days=1):
+        raise ValueError(f"{when.isoformat()} is in the future")
+    return when.astimezone(timezone.utc)
+
+
+# Naive times cannot be compared with aware ones: a plan file must say which time zone it means.
+Created = Annotated[AwareDatetime, AfterValidator(_made_already)]
 
 
 class Timing(BaseModel):
@@ -78,7 +90,7 @@ class Plan(BaseModel):
     autojac_version: str = Field(description="autojac.__version__ that made the plan.")
     threads: Count = Field(ge=1, description="torch.get_num_threads() when the plan was made.")
     tuning_seconds: Seconds = Field(description="Wall time spent probing and tuning.")
-    created: datetime = Field(default_factory=_now, description="When the plan was made (UTC).")
+    created: Created = Field(default_factory=_now, description="When the plan was made (UTC).")
 
     @property
     def label(self) -> str:

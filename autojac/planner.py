@@ -140,7 +140,10 @@ class Planner:
     def cached(self, sig: Signature) -> Plan | None:
         """The plan for sig from memory, else from the store; None on a miss."""
         plan = self._hot.get(sig)
-        if plan is None:
+        if plan is not None:
+            if distributed.group_started():  # a plan made before the group existed must reach it too
+                distributed.publish(plan)
+        else:
             plan = self.store.get(sig.key)
             if plan is not None and not _describes(plan, sig):
                 log.warning("ignoring the stored plan %s: it does not describe %s of %s [B=%d in=%s %s %s]",
@@ -300,13 +303,17 @@ def _missing_plan_message(sig: Signature, store: PlanStore) -> str:
         if store.shipped:
             where.append(f"AUTOJAC_PLANS={os.pathsep.join(map(str, store.shipped))}")
     graph = ", create_graph=True" if sig.create_graph else ""
+    # the modules' training flags are part of the key: the plan must be made in the same mode
+    flag = " --eval" if sig.training and not any(sig.training) else ""
+    mixed = (" with its modules in the same training modes (some are in eval mode)"
+             if any(sig.training) and not all(sig.training) else "")
     return (
         f"no stored plan for {sig.op} of {sig.fn_name} [B={sig.batch} in={sig.in_shape} {sig.dtype} "
         f"{sig.device} ({sig.device_name}){graph}], key {sig.key}, and AUTOJAC_REQUIRE_PLAN=1 forbids making "
         f"one (looked in {' and '.join(where) or 'memory'}). Pre-warm it where plans are made: "
         f"autojac.warm(f, x, ops=({sig.op!r},){graph}) with x of shape ({shape}), or "
         f"`autojac warm MODULE:ATTR --input-shape {shape} --dtype {sig.dtype} --device {sig.device} "
-        f"--op {sig.op}{' --create-graph' if graph else ''}`; then ship the plans (autojac export, and "
+        f"--op {sig.op}{' --create-graph' if graph else ''}{flag}`{mixed}; then ship the plans (autojac export, and "
         f"AUTOJAC_PLANS or autojac import here), or unset AUTOJAC_REQUIRE_PLAN"
     )
 

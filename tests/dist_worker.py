@@ -18,10 +18,12 @@ from helpers import loop_jacobian, mlp
 def main(rank: int, port: int, out_path: str) -> None:
     torch.manual_seed(0)
     model = mlp(8, 4)
-    x, x_known, x_alone = torch.randn(16, 8), torch.randn(5, 8), torch.randn(7, 8)
+    x, x_known, x_alone, x_early = torch.randn(16, 8), torch.randn(5, 8), torch.randn(7, 8), torch.randn(9, 8)
     report = {"rank": rank}
     if rank == 1:
         autojac.explain(model, x_known)  # this rank has that plan before the group exists
+    else:
+        autojac.explain(model, x_early)  # rank 0 has that one before the group exists
     timed = []
     real_choose = planner_module.choose
     planner_module.choose = lambda pool, run, **kw: (timed.append(kw["tune"]), real_choose(pool, run, **kw))[1]
@@ -30,6 +32,12 @@ def main(rank: int, port: int, out_path: str) -> None:
     result = autojac.jacobian(model, x)  # rank 0 tunes; rank 1 waits for its plan
     report["plan"] = autojac.explain(model, x).model_dump(mode="json")
     report["correct"] = bool(torch.allclose(result, loop_jacobian(model, x), rtol=1e-4, atol=1e-5))
+    report["tuned_here"] = sum(timed)
+
+    # a plan rank 0 made before the group existed reaches rank 1 when rank 0 uses it in the group
+    early = autojac.jacobian(model, x_early)
+    report["early_plan"] = autojac.explain(model, x_early).model_dump(mode="json")
+    report["early_correct"] = bool(torch.allclose(early, loop_jacobian(model, x_early), rtol=1e-4, atol=1e-5))
     report["tuned_here"] = sum(timed)
 
     if rank == 0:

@@ -343,13 +343,16 @@ def _crafted(kind: str, marker: Path) -> bytes:
         "deep nesting": lambda: b'{"format": "autojac-plans", "format_version": 1, "entries": {"a": '
                                 + b"[" * 100_000 + b"]" * 100_000 + b"}}",
         "pickle": lambda: b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.",
+        "time without a zone": lambda: file_with(created="2020-01-01T00:00:00"),
+        "time in the future": lambda: file_with(created="9999-12-31T23:59:59Z"),
         "binary junk": lambda: os.urandom(200_000),
     }[kind]()
 
 
 @pytest.mark.parametrize("kind", ["huge integer", "thousands of digits", "infinite time", "negative size",
                                   "wrong types", "entries not a mapping", "code as strategy", "code as key",
-                                  "deep nesting", "pickle", "binary junk"])
+                                  "deep nesting", "pickle", "binary junk", "time without a zone",
+                                  "time in the future"])
 def test_a_crafted_cache_file_is_rejected_without_crashing_or_running_code(kind, tmp_path):
     marker = tmp_path / "code-ran"
     data = _crafted(kind, marker)
@@ -387,6 +390,31 @@ def test_100_MB_of_junk_is_refused_unread(tmp_path):
         tracemalloc.stop()
     assert peak < 2**20  # never read into memory
     assert list(path.parent.glob(FILE_NAME + ".corrupt-*"))
+
+
+def test_a_directory_in_place_of_the_cache_file_is_set_aside():
+    path = _cache_file()
+    path.mkdir(parents=True)
+    _new_process_planner()
+    f, x = mlp(5, 3), torch.randn(4, 5)
+    with pytest.warns(AutojacWarning, match="not a regular file.*moved it to"):
+        assert_close(autojac.jacobian(f, x), loop_jacobian(f, x))
+    assert path.is_file() and list(read_plan_file(path).plans) == [autojac.explain(f, x).key]
+    (aside,) = path.parent.glob(FILE_NAME + ".corrupt-*")
+    assert aside.is_dir()
+
+
+def test_invalid_entries_are_reported_once_per_version_of_the_file():
+    f, x = mlp(5, 3), torch.randn(4, 5)
+    autojac.explain(f, x)
+    data = json.loads(_cache_file().read_text())
+    data["entries"]["0" * 32] = {"key": "0" * 32, "op": "jacobian", "strategy": 5}
+    _cache_file().write_text(json.dumps(data))
+    _new_process_planner()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        autojac.jacobian(f, torch.randn(6, 5))  # a miss: reads the file, then writes under the lock
+    assert [str(w.message).count("not valid plans") for w in caught] == [1]
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")

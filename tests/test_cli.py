@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,7 +152,9 @@ def test_demo_prints_each_example_with_its_speed_ups(capsys, monkeypatch):
     seed = demo.examples()[0]
     monkeypatch.setattr(demo, "examples", lambda: [seed])
     code, out, _ = run(capsys, "demo", "--min-time", "0.01")
-    assert code == 0 and "== the seed problem" in out and "x faster" in out and "vmap(jacrev)" in out
+    assert code == 0 and "== the seed problem" in out and "vmap(jacrev)" in out
+    assert re.search(r"ms: \d+\.\dx (faster|slower)", out)
+    assert autojac.plans() == []  # the demo's plans stayed in its own memory, not in the user's cache
 
 
 def _one_line_error(code, out, err, expected_code, *fragments):
@@ -181,6 +184,7 @@ def _one_line_error(code, out, err, expected_code, *fragments):
     (["export"], ["required: PATH"]),
     (["plans", "--jsn"], ["unrecognized arguments: --jsn"]),
     (["plans", "--device", "toaster"], ["'toaster' is not a device"]),
+    (["plans", "--op", "nonsense"], ["unknown operation 'nonsense' for --op"]),
 ])
 def test_bad_arguments_are_usage_errors_on_one_line(capsys, models, argv, fragments):
     _one_line_error(*run(capsys, *argv), 2, *fragments)
@@ -212,6 +216,36 @@ def test_import_into_an_unwritable_cache_fails(capsys, models, tmp_path, monkeyp
     assert code == 1 and out == ""
     assert "autojac: warning: cannot write the plan cache" in err  # the store's one warning, on one line
     assert err.splitlines()[-1].startswith("autojac: error: OSError: could not write the plan cache")
+
+
+def test_warm_into_an_unwritable_cache_fails_rather_than_pass_without_plans(capsys, models, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("AUTOJAC_CACHE_DIR", str(blocker / "cache"))
+    from autojac.cache import default_store
+    from autojac.planner import Planner, set_default_planner
+
+    set_default_planner(Planner(default_store()))
+    code, out, err = run(capsys, "warm", "cli_models:make", "--input-shape", "4,5")
+    assert code == 1 and "[1/1]" in out
+    assert err.splitlines()[-1].startswith("autojac: error: OSError: could not write the plan cache")
+    assert "made 1 plan but stored none" in err
+
+
+def test_a_failure_with_many_reasons_keeps_them_on_its_one_line(capsys, models, monkeypatch):
+    from autojac import memory
+
+    monkeypatch.setattr(memory, "budget_bytes", lambda device: 1)  # nothing fits
+    code, out, err = run(capsys, "warm", "cli_models:make", "--input-shape", "4,5")
+    _one_line_error(code, out, err, 1, "NoCandidateError", "why each failed: sum_rev: needs about",
+                    "; loop_rev: needs about", "Try a smaller batch")
+
+
+def test_export_into_a_missing_directory_names_the_file(capsys, models, tmp_path):
+    target = tmp_path / "missing" / "plans.json"
+    code, out, err = run(capsys, "export", str(target))
+    _one_line_error(code, out, err, 1, f"cannot write {target}: No such file or directory")
+    assert ".tmp" not in err
 
 
 def test_python_dash_m_autojac_reports_a_missing_module_with_exit_code_2(tmp_path):

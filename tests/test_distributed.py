@@ -41,10 +41,11 @@ def test_rank_0_tunes_and_rank_1_uses_its_plan(tmp_path):
     assert rank0["plan"] == rank1["plan"]  # the very plan rank 0 made: same strategy, timings, time stamp
     assert rank0["plan"]["tuned"] and rank0["tuned_here"] >= 1
     assert rank1["tuned_here"] == 0  # rank 1 timed nothing
+    assert rank0["early_plan"] == rank1["early_plan"] and rank1["early_correct"]  # made before the group
     assert rank1["known_seconds"] < 1.5  # it had that plan: it did not wait for rank 0 (asleep for 3 s)
     # a signature rank 0 never resolves: after AUTOJAC_DIST_TIMEOUT, the heuristic choice and a warning
     assert rank1["alone_correct"] and not rank1["alone_tuned"]
     assert "rank 0 published no plan within 2 s" in rank1["alone_warning"]
     assert rank1["alone_seconds"] < 10
     # only rank 0 stores what the group decided; rank 1 holds just the plan it made before joining
-    assert rank0["stored"] == 2 and rank1["stored"] == 1
+    assert rank0["stored"] == 3 and rank1["stored"] == 1

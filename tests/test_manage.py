@@ -168,6 +168,16 @@ def test_require_plan_raises_on_a_miss_and_passes_after_warming(monkeypatch):
     assert autojac.explain(f, x).tuned
 
 
+def test_require_plan_names_the_training_mode_to_warm_in(monkeypatch):
+    monkeypatch.setenv("AUTOJAC_REQUIRE_PLAN", "1")
+    model, x = mlp(5, 3).eval(), torch.randn(4, 5)
+    with pytest.raises(autojac.PlanRequiredError, match="--op jacobian --eval`"):
+        autojac.jacobian(model, x)
+    model.train()
+    with pytest.raises(autojac.PlanRequiredError, match="--op jacobian`"):
+        autojac.jacobian(model, x)
+
+
 def test_require_plan_accepts_a_stored_heuristic_plan_without_tuning(monkeypatch):
     f, x = mlp(5, 3), torch.randn(4, 5)
     stored = autojac.explain(f, x, tune=False)
