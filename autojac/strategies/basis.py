@@ -27,11 +27,14 @@ def spans(total: int, chunk: int | None) -> Iterator[tuple[int, int]]:
 
 
 def one_hot_rows(start: int, stop: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """Basis vectors e_start .. e_{stop-1} of a space of `shape`: (stop - start, *shape)."""
-    rows = torch.zeros(stop - start, math.prod(shape), dtype=like.dtype, device=like.device)
+    """Basis vectors e_start .. e_{stop-1} of a space of `shape`: (stop - start, *shape).
+
+    Made in its final shape, not as a view: a view as the seeds of a vectorized backward pass
+    costs some 40 µs more per call (measured on the seed problem, where the pass takes 200)."""
+    rows = torch.zeros(stop - start, *shape, dtype=like.dtype, device=like.device)
     index = torch.arange(stop - start, device=like.device)
-    rows[index, index + start] = 1
-    return rows.view(stop - start, *shape)
+    rows.view(stop - start, -1)[index, index + start] = 1
+    return rows
 
 
 def vjp_basis(fn: Fn, primal: Tensor, chunk: int | None) -> Tensor:
