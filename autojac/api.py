@@ -98,18 +98,30 @@ def explain(f: BatchedFn, x: Tensor, op: str = "jacobian", *, v: Tensor | None =
 
 def _compute(op: str, f: BatchedFn, x: Tensor, v: Tensor | None, strategy: str, create_graph: bool,
              batch_independent: bool | None, tune: bool | None) -> Tensor:
+    planner = default_planner()
+    if strategy == "auto" and isinstance(x, Tensor):
+        # The hot path: a tuned plan for this f and a call that looks the same (an x like this
+        # one was checked when the plan was made; f's identity state is compared on every call).
+        _check_options(strategy, create_graph, batch_independent, tune)
+        glance = (op, x.shape, x.dtype, x.device, create_graph, batch_independent)
+        hit = planner.shortcut(f, glance)
+        if hit is not None:
+            plan, chosen = hit
+            _check_direction(op, v, x)
+            return chosen(Problem(op, f, x, v, create_graph), plan.chunk)
     problem, sig = _prepare(op, f, x, v, strategy, create_graph, batch_independent, tune)
     if x.numel() == 0:
         return _empty(problem)
-    planner = default_planner()
     if strategy != "auto":
         chosen, chunk = planner.forced(sig, problem, strategy)
         return chosen(problem, chunk)
     plan = planner.cached(sig)
+    result = None
     if plan is None or (not plan.tuned and config.tuning_enabled(tune)):
         plan, result = planner.plan(sig, problem, tune=config.tuning_enabled(tune))
-        if result is not None:
-            return result
+    planner.remember(f, (op, x.shape, x.dtype, x.device, create_graph, batch_independent), plan)
+    if result is not None:
+        return result
     return registry.get(plan.strategy, op)(problem, plan.chunk)
 
 
@@ -119,15 +131,20 @@ def _prepare(op: str, f: BatchedFn, x: Tensor, v: Tensor | None, strategy: str, 
         raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
     check_f(f)
     check_x(x)
+    _check_direction(op, v, x)
+    _check_options(strategy, create_graph, batch_independent, tune)
+    problem = Problem(op, f, x, v, create_graph)
+    return problem, signature(op, f, x, create_graph=create_graph, batch_independent=batch_independent)
+
+
+def _check_direction(op: str, v: Tensor | None, x: Tensor) -> None:
+    """hvp needs v, with x's shape, dtype and device; the other operations take none."""
     if op == "hvp":
         if v is None:
             raise TypeError("op='hvp' needs v, one direction per sample with x's shape (B, *in); pass v=...")
         check_v(v, x)
     elif v is not None:
         raise ValueError(f"v is used only by op='hvp', not by op={op!r}; leave it out")
-    _check_options(strategy, create_graph, batch_independent, tune)
-    problem = Problem(op, f, x, v, create_graph)
-    return problem, signature(op, f, x, create_graph=create_graph, batch_independent=batch_independent)
 
 
 def _check_options(strategy: object, create_graph: object, batch_independent: object, tune: object) -> None:

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -28,8 +29,8 @@ from ._version import __version__
 from .errors import AutojacWarning, NoCandidateError, NonDeterministicError, PlanRequiredError
 from .models import Plan, candidate_label, parse_label
 from .probes import Probes, run_probes
-from .problem import Problem, Sizes
-from .signature import Signature, describe
+from .problem import BatchedFn, Problem, Sizes
+from .signature import Signature, describe, identity_state, weak_slot
 from .store import MemoryStore, PlanStore
 from .strategies import registry
 from .strategies.registry import BATCH_INDEPENDENT, VMAP, Strategy
@@ -133,6 +134,9 @@ class Planner:
         self.store: PlanStore = store if store is not None else MemoryStore()
         self.clock = clock
         self._hot: dict[Signature, Plan] = {}
+        # The hot path's shortcut to tuned plans, by f (weakly) and by what the call shows at a
+        # glance; an entry serves only while f's identity state is as it was (see `shortcut`).
+        self._shortcuts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._probes: dict[Signature, Probes] = {}
         self._locks: dict[Signature, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -154,10 +158,30 @@ class Planner:
                 distributed.publish(plan)
         return plan
 
+    def shortcut(self, f: BatchedFn, glance: tuple) -> tuple[Plan, Strategy] | None:
+        """The tuned plan remembered for f and this `glance` (operation, x's shape, dtype and
+        device, options) and its strategy, if nothing f reads was rebound since: the hot path
+        without building the signature. None on a miss: the caller takes `cached`/`plan`."""
+        slot, name = weak_slot(f, self._shortcuts, make=False)
+        found = slot.get((name, glance)) if slot is not None else None
+        if found is None or found[0] != identity_state(f):
+            return None
+        if distributed.group_started():  # as in `cached`: a plan made before the group must reach it
+            distributed.publish(found[1])
+        return found[1], found[2]
+
+    def remember(self, f: BatchedFn, glance: tuple, plan: Plan) -> None:
+        """Let `shortcut` serve a tuned plan for f and `glance` from now on."""
+        if plan.tuned:
+            slot, name = weak_slot(f, self._shortcuts, make=True)
+            if slot is not None:
+                slot[(name, glance)] = (identity_state(f), plan, registry.get(plan.strategy, plan.op))
+
     def forget(self) -> None:
         """Drop every memoized plan and probe (the store is left alone)."""
         self._hot.clear()
         self._probes.clear()
+        self._shortcuts = weakref.WeakKeyDictionary()
 
     def plan(self, sig: Signature, problem: Problem, *, tune: bool,
              settings: TuneSettings | None = None) -> tuple[Plan, Tensor | None]:

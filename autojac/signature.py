@@ -251,6 +251,30 @@ def _hook_text(module: nn.Module) -> str:
     return f"hooks {hooks}+{pre}" if hooks or pre else ""
 
 
+def identity_state(f: Callable[..., Any]) -> tuple[Any, ...]:
+    """The identities (and modules' training flags and hook counts) of what f reaches: equal on two
+    calls when nothing f reads was rebound, so that a plan found for the first serves the second."""
+    if isinstance(f, nn.Module):  # the common case, on every call: straight to the module walk
+        walker = _Walker(rich=False)
+        walker._seen.add(id(f))
+        walker.module_identities(f, 0)
+        walker.parts.append(len(nn.modules.module._global_forward_hooks)
+                            + len(nn.modules.module._global_forward_pre_hooks))
+        return tuple(walker.parts)
+    return tuple(_walk(f, rich=False).parts)
+
+
+def weak_slot(f: Any, table: weakref.WeakKeyDictionary, make: bool) -> tuple[dict | None, Any]:
+    """The dict kept for f in `table` (weakly: f's death drops it; made if `make`), and f's key in
+    it; bound methods are new objects on every access, so theirs is kept under their object.
+    (None, None) when there is none, or f cannot be referenced weakly."""
+    owner, name = (f.__self__, f.__func__) if isinstance(f, types.MethodType) else (f, None)
+    try:
+        return (table.setdefault(owner, {}) if make else table.get(owner)), name
+    except TypeError:
+        return None, None
+
+
 def describe(f: Callable[..., Any]) -> FnInfo:
     """Name, fingerprint and modules of f, made again only when something f reads was rebound."""
     return _describe(f, _walk(f, rich=False))[0]

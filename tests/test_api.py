@@ -215,3 +215,41 @@ def test_tuning_is_logged_at_info(caplog):
         autojac.jacobian(mlp(5, 3), torch.randn(4, 5))
     assert any("tuned jacobian of Sequential" in r.getMessage() and "won" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_tuned_call_is_served_without_building_the_signature_until_f_changes(monkeypatch):
+    from autojac import api
+
+    model, x = mlp(5, 3), torch.randn(4, 5)
+    autojac.jacobian(model, x)  # tunes, and remembers the plan for calls that look the same
+    built = []
+    real = api.signature
+    monkeypatch.setattr(api, "signature", lambda *a, **k: built.append(1) or real(*a, **k))
+    assert_close(autojac.jacobian(model, x), loop_jacobian(model, x))
+    assert_close(autojac.jacobian(model, x.clone()), loop_jacobian(model, x))
+    assert built == []
+    autojac.jacobian(model, torch.randn(6, 5))  # another batch size: the slow path, a new plan
+    assert built == [1]
+    model.eval()  # the training flags changed: not served by the shortcut
+    autojac.jacobian(model, x)
+    assert len(built) == 2
+    model[1] = nn.Sigmoid()  # a swapped submodule: a new fingerprint, planned anew
+    assert_close(autojac.jacobian(model, x), loop_jacobian(model, x))
+    assert len(built) == 3 and autojac.explain(model, x).fingerprint != autojac.explain(mlp(5, 3), x).fingerprint
+    autojac.jacobian(model, x)
+    before = len(built)
+    assert built and autojac.jacobian(model, x) is not None and len(built) == before  # served again
+    autojac.clear_cache()  # forgets the shortcuts with the plans
+    autojac.jacobian(model, x)
+    assert len(built) == before + 1
+
+
+def test_the_shortcut_checks_its_inputs_like_the_slow_path():
+    model, x = mlp(5, 3), torch.randn(4, 5)
+    autojac.hvp(model, x, torch.randn_like(x))
+    with pytest.raises(ValueError, match="v has shape"):
+        autojac.hvp(model, x, torch.randn(4, 6))
+    with pytest.raises(TypeError, match="needs v"):
+        autojac.hvp(model, x, None)
+    with pytest.raises(TypeError, match="create_graph must be True or False"):
+        autojac.jacobian(model, x, create_graph=1)

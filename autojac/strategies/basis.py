@@ -26,6 +26,13 @@ def spans(total: int, chunk: int | None) -> Iterator[tuple[int, int]]:
         yield start, min(start + step, total)
 
 
+def joined(pieces: list[Tensor]) -> Tensor:
+    """torch.cat of the pieces of a chunked computation, without copying a single piece (that
+    copy cost 30% of vmap_rev on a (512, 64, 512) Jacobian). The result may not be contiguous:
+    reshape it, do not view it."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def one_hot_rows(start: int, stop: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
     """Basis vectors e_start .. e_{stop-1} of a space of `shape`: (stop - start, *shape).
 
@@ -46,7 +53,7 @@ def vjp_basis(fn: Fn, primal: Tensor, chunk: int | None) -> Tensor:
         vmap(pullback)(one_hot_rows(start, stop, tuple(out.shape), out))[0]
         for start, stop in spans(out.numel(), chunk)
     ]
-    return torch.cat(pieces).view(*out.shape, *primal.shape)
+    return joined(pieces).reshape(*out.shape, *primal.shape)
 
 
 def jvp_basis(fn: Fn, primal: Tensor, chunk: int | None, tangent_shape: tuple[int, ...] | None = None) -> Tensor:
@@ -61,7 +68,7 @@ def jvp_basis(fn: Fn, primal: Tensor, chunk: int | None, tangent_shape: tuple[in
         return jvp(fn, (primal,), (tangent.expand_as(primal),))[1]
 
     pieces = [vmap(push)(one_hot_rows(start, stop, shape, primal)) for start, stop in spans(math.prod(shape), chunk)]
-    columns = torch.cat(pieces)  # (k, *out)
+    columns = joined(pieces)  # (k, *out)
     return columns.movedim(0, -1).reshape(*columns.shape[1:], *shape)
 
 
@@ -115,7 +122,7 @@ def own_sample_rows(outputs: Tensor, x: Tensor, chunk: int | None, create_graph:
         grads = batched_grad(flat, x, one_hot_rows(start, stop, tuple(flat.shape), flat), create_graph)
         rows = torch.arange(start, stop, device=x.device)
         pieces.append(grads[rows - start, rows // per_sample])  # (k, *in)
-    return torch.cat(pieces).view(batch, *rest, *x.shape[1:])
+    return joined(pieces).reshape(batch, *rest, *x.shape[1:])
 
 
 def batch_first(jac: Tensor, out_dims: int) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.func import jvp, vmap
 
 from ..problem import Problem, Sizes
-from .basis import one_hot_rows, spans
+from .basis import joined, one_hot_rows, spans
 from .curvature import (OPS_DIAGONAL, diagonal_of, double_pass_memory, finish_diagonal, output_gradients,
                         input_basis_rows, summed_jacobian, zeros_result)
 from .hessian import vmap_fwd_rev
@@ -28,7 +28,7 @@ def _diagonal_along_basis(p: Problem, chunk: int | None, second: Callable[[Tenso
     def push(direction: Tensor) -> Tensor:
         return second(direction.expand_as(p.x))
 
-    diag = torch.cat([vmap(push)(one_hot_rows(start, stop, p.in_shape, p.x))
+    diag = joined([vmap(push)(one_hot_rows(start, stop, p.in_shape, p.x))
                       for start, stop in spans(p.n, chunk)])  # (n, B, *out)
     return diag.movedim(0, -1).reshape(*diag.shape[1:], *p.in_shape)
 
@@ -66,7 +66,7 @@ def _grad_grad_diag(p: Problem, chunk: int | None) -> Tensor:
                 rows = input_basis_rows(g, x, start, stop, p.create_graph).reshape(stop - start, p.batch, p.n)
                 coords = torch.arange(start, stop, device=x.device)
                 pieces.append(rows[coords - start, :, coords])  # (c, B)
-    diag = torch.cat(pieces).view(-1, p.batch).t()  # (B, m * n)
+    diag = joined(pieces).reshape(-1, p.batch).t()  # (B, m * n)
     return finish_diagonal(p, diag.reshape(p.batch, *out_shape, *p.in_shape))
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from ..problem import Problem, Sizes
-from .basis import batch_first, grad_input, jvp_basis, one_sample, own_sample_rows, spans, vjp_basis
+from .basis import batch_first, grad_input, joined, jvp_basis, one_sample, own_sample_rows, spans, vjp_basis
 from .curvature import (OPS_DIAGONAL, diagonal_of, double_pass_memory, finish_diagonal, output_gradients,
                         input_basis_rows, summed_jacobian, zeros_result)
 from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
@@ -48,7 +48,7 @@ def _sum_grad_grad(p: Problem, chunk: int | None) -> Tensor:
         if grads is None:
             return zeros_result(p, out_shape)
         rows = [input_basis_rows(g, x, start, stop, p.create_graph) for g in grads for start, stop in spans(p.n, chunk)]
-    hess = torch.cat(rows).view(*out_shape, *p.in_shape, *x.shape)  # (*out, *in, B, *in)
+    hess = joined(rows).reshape(*out_shape, *p.in_shape, *x.shape)  # (*out, *in, B, *in)
     return hess.movedim(len(out_shape) + len(p.in_shape), 0)
 
 

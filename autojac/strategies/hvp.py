@@ -57,7 +57,7 @@ def _full_hvp(p: Problem, chunk: int | None) -> Tensor:
         x = grad_input(p)
         first = own_sample_rows(p.f(x), x, chunk, create_graph=True)  # (B, *out, *in)
         out_dims = first.dim() - x.dim()
-        v = p.v.view(p.batch, *(1,) * out_dims, *p.in_shape)
+        v = p.v.reshape(p.batch, *(1,) * out_dims, *p.in_shape)
         directional = (first * v).flatten(1 + out_dims).sum(-1)  # (B, *out)
         return own_sample_rows(directional, x, chunk, p.create_graph)
 

@@ -11,7 +11,8 @@ from torch import Tensor
 from torch.func import vmap
 
 from ..problem import Problem, Sizes
-from .basis import batch_first, grad_input, jvp_basis, one_hot_rows, one_sample, own_sample_rows, spans, vjp_basis
+from .basis import batch_first, grad_input, joined, jvp_basis, one_hot_rows, one_sample, own_sample_rows, spans, \
+    vjp_basis
 from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
 
 JACOBIAN = frozenset({"jacobian"})
@@ -37,7 +38,7 @@ def _sum_grad(p: Problem, chunk: int | None) -> Tensor:
             (rows,) = torch.autograd.grad(summed, x, seeds, retain_graph=True, create_graph=p.create_graph,
                                           is_grads_batched=True, materialize_grads=True)
             pieces.append(rows)  # (k, B, *in)
-    jac = torch.cat(pieces).view(*summed.shape, *x.shape)
+    jac = joined(pieces).reshape(*summed.shape, *x.shape)
     return batch_first(jac, summed.dim())
 
 
