@@ -161,6 +161,7 @@ def test_heuristic_table_prefers_one_backward_pass_for_scalar_outputs_and_forwar
     assert heuristic_order("jacobian", Sizes(32, 64, 1, 4, 0))[0] == "loop_rev"
     assert heuristic_order("jacobian", Sizes(32, 2, 64, 4, 0))[0] == "sum_fwd"
     assert heuristic_order("jacobian", Sizes(32, 64, 2, 4, 0))[0] == "sum_rev"
+    assert heuristic_order("jacobian", Sizes(512, 512, 512, 4, 0))[0] == "vmap_rev"  # many rows: per sample
 
 
 def test_a_warm_up_that_spends_the_budget_is_not_repeated_and_nothing_else_starts():
