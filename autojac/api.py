@@ -99,6 +99,7 @@ def explain(f: BatchedFn, x: Tensor, op: str = "jacobian", *, v: Tensor | None =
 def _compute(op: str, f: BatchedFn, x: Tensor, v: Tensor | None, strategy: str, create_graph: bool,
              batch_independent: bool | None, tune: bool | None) -> Tensor:
     planner = default_planner()
+    glance = None
     if strategy == "auto" and isinstance(x, Tensor):
         # The hot path: a tuned plan for this f and a call that looks the same (an x like this
         # one was checked when the plan was made; f's identity state is compared on every call).
@@ -119,7 +120,8 @@ def _compute(op: str, f: BatchedFn, x: Tensor, v: Tensor | None, strategy: str, 
     result = None
     if plan is None or (not plan.tuned and config.tuning_enabled(tune)):
         plan, result = planner.plan(sig, problem, tune=config.tuning_enabled(tune))
-    planner.remember(f, (op, x.shape, x.dtype, x.device, create_graph, batch_independent), plan)
+    if glance is not None:
+        planner.remember(f, glance, plan)
     if result is not None:
         return result
     return registry.get(plan.strategy, op)(problem, plan.chunk)

@@ -100,8 +100,14 @@ class _Walker:
         self._seen: set[int] = set()
 
     def emit(self, obj: Any, text: Callable[[], str]) -> None:
+        """Add obj: its text to the fingerprint, its identity to the quick walk."""
+        self.note(id(obj), text)
+
+    def note(self, value: Any, text: Callable[[], str]) -> None:
+        """Add a value that stands for itself in the quick walk (what a new object with the same
+        value would not change: a tensor's shape, a switch's value)."""
         if len(self.parts) < _MAX_PARTS:
-            self.parts.append(text() if self.rich else id(obj))
+            self.parts.append(text() if self.rich else value)
 
     def labelled(self, label: Any, text: Callable[[], str], visit: Callable[[], None]) -> None:
         """Run `visit`; if it added anything, put the label in front of it."""
@@ -115,11 +121,11 @@ class _Walker:
         if len(self.parts) >= _MAX_PARTS:
             return
         if isinstance(obj, _SWITCHES) or (fixed and isinstance(obj, _NUMBERS)):
-            self.emit(obj, lambda: repr(obj)[:200])
+            self.note((type(obj), obj), lambda: repr(obj)[:200])
         elif isinstance(obj, _NUMBERS):
             pass  # read at call time: a counter or a schedule, not part of the problem
-        elif isinstance(obj, Tensor):
-            self.emit(obj, lambda: f"tensor{tuple(obj.shape)}{obj.dtype}")
+        elif isinstance(obj, Tensor):  # a new tensor of the same shape (a stashed activation) changes nothing
+            self.note((obj.shape, obj.dtype), lambda: f"tensor{tuple(obj.shape)}{obj.dtype}")
         elif isinstance(obj, _OPAQUE):
             self.emit(obj, lambda: repr(obj)[:200])
         elif isinstance(obj, (tuple, list, dict)):
@@ -238,7 +244,11 @@ def _key_text(key: Any) -> str:
 
 def _walk(f: Any, rich: bool) -> _Walker:
     walker = _Walker(rich)
-    walker.value(f, 0)
+    if not rich and isinstance(f, nn.Module):  # the common case, on every call: straight to the modules
+        walker._seen.add(id(f))
+        walker.module_identities(f, 0)
+    else:
+        walker.value(f, 0)
     if walker.modules:  # global hooks run around every module's forward
         count = len(nn.modules.module._global_forward_hooks) + len(nn.modules.module._global_forward_pre_hooks)
         walker.parts.append(f"global hooks {count}" if rich else count)
@@ -254,13 +264,6 @@ def _hook_text(module: nn.Module) -> str:
 def identity_state(f: Callable[..., Any]) -> tuple[Any, ...]:
     """The identities (and modules' training flags and hook counts) of what f reaches: equal on two
     calls when nothing f reads was rebound, so that a plan found for the first serves the second."""
-    if isinstance(f, nn.Module):  # the common case, on every call: straight to the module walk
-        walker = _Walker(rich=False)
-        walker._seen.add(id(f))
-        walker.module_identities(f, 0)
-        walker.parts.append(len(nn.modules.module._global_forward_hooks)
-                            + len(nn.modules.module._global_forward_pre_hooks))
-        return tuple(walker.parts)
     return tuple(_walk(f, rich=False).parts)
 
 
@@ -283,19 +286,18 @@ def describe(f: Callable[..., Any]) -> FnInfo:
 def _describe(f: Any, quick: _Walker) -> tuple[FnInfo, tuple[bool, ...]]:
     """f's description given this call's identity walk, and the training flags of its modules."""
     state = tuple(quick.parts)
-    cache, cache_key = _cache_slot(f)
-    info = cache.get(cache_key) if cache is not None else None
+    slot, name = weak_slot(f, _DESCRIPTIONS, make=True)
+    info = slot.get(name) if slot is not None else None  # not weakly referenceable: every call
     if info is None or info.state != state:
         walker = _walk(f, rich=True)
         digest = hashlib.sha256("\x1f".join(map(str, walker.parts)).encode()).hexdigest()[:16]
         info = FnInfo(_readable_name(f), digest, tuple(weakref.ref(m) for m in walker.modules), state)
-        if cache is not None:
-            cache[cache_key] = info
+        if slot is not None:
+            slot[name] = info
     return info, tuple(m.training for m in quick.modules)
 
 
-_FUNCTION_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_METHOD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DESCRIPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cell_value(cell: types.CellType) -> Any:
@@ -310,21 +312,9 @@ def _global_names_cached(code: types.CodeType) -> tuple[str, ...]:
     return tuple(_global_names(code))
 
 
-def _cache_slot(f: Any) -> tuple[Any, Any]:
-    """Where f's description is cached: bound methods are new objects on every access."""
-    try:
-        if isinstance(f, types.MethodType):
-            return _METHOD_CACHE.setdefault(f.__self__, {}), f.__func__
-        weakref.ref(f)
-        return _FUNCTION_CACHE, f
-    except TypeError:  # not weakly referenceable: described again on every call
-        return None, None
-
-
 def clear_descriptions() -> None:
     """Forget cached descriptions (after editing a function's code in place, say)."""
-    _FUNCTION_CACHE.clear()
-    _METHOD_CACHE.clear()
+    _DESCRIPTIONS.clear()
 
 
 def signature(op: str, f: Callable[..., Any], x: Tensor, *, create_graph: bool = False,

@@ -182,3 +182,33 @@ def test_a_submodule_swapped_in_place_is_noticed():
     assert key(model) != before
     model[1] = kept
     assert key(model) == before
+
+
+class Stashing(nn.Module):
+    """Keeps its last activation on an attribute: a new tensor on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(5, 3)
+        self.last = None
+
+    def forward(self, x):
+        self.last = torch.tanh(self.layer(x))
+        return self.last
+
+
+def test_a_module_that_stashes_a_tensor_each_call_is_not_described_again(monkeypatch):
+    from autojac import signature as signature_module
+
+    model = Stashing()
+    model(X)
+    first = key(model)
+    walks = []
+    real = signature_module._walk
+    monkeypatch.setattr(signature_module, "_walk", lambda f, rich: walks.append(rich) or real(f, rich))
+    for _ in range(3):
+        model(X)  # a new tensor of the same shape on model.last
+        assert key(model) == first
+    assert True not in walks  # identities and shapes only: no new description
+    model(torch.randn(7, 5))  # a stashed tensor of another shape is part of the fingerprint
+    assert key(model) != first
