@@ -6,7 +6,8 @@
    the reference every contender is checked against.
 3. The fixed strategies are the planner's own candidates for this f (`planner.candidates`:
    validity from the probes, the memory budget); with `settings.coupled_only`, the strategies
-   the planner keeps for batch-coupled f (`full_diag`) too, since a user may still pick them.
+   the planner keeps for batch-coupled f (`full_diag`) too, since a user may still pick them,
+   in their chunked forms (the time cap stops those between chunks).
 4. Each contender's first call runs under `call_cap` (stopped and recorded as a timeout past it;
    smaller chunks of a strategy that timed out, or whose chunked run was over `repeat_cap`, are
    skipped); one slower than `repeat_cap` keeps that single time. The rest are timed by
@@ -46,6 +47,8 @@ from .schema import TIMED, CaseResult, Dispatch, Kind, Machine, Measurement, Set
 from .workloads import Case
 
 DISPATCH_BELOW = 2e-3  # seconds: the dispatch overhead is measured on calls faster than this
+UNCHUNKED_EXTRA = ("not timed on a batch-independent f: all of its B times the work in one vectorized call, which "
+                   "the time cap cannot stop until it returns (minutes at B=512); its chunked forms stand for it")
 _SLOW = {"timeout": "was stopped at the time cap", "single": "took over the repeat cap"}
 _EFFICIENCY = 0.1  # share of the matmul ceiling assumed when estimating a case's time
 
@@ -97,9 +100,13 @@ def fixed_contenders(op: str, problem: Problem, probes: Probes, settings: Settin
         as_coupled, why_not = candidates(op, sizes, dataclasses.replace(probes, batch_independent=False),
                                          create_graph=False, budget=budget, problem=problem)
         for candidate in as_coupled:
-            if candidate.strategy.coupled_only:
-                valid.append(candidate)
-                excluded.pop(candidate.label, None)
+            if not candidate.strategy.coupled_only:
+                continue
+            if candidate.chunk is None:  # one vectorized call of B times the work: minutes, unstoppable
+                excluded[candidate.label] = UNCHUNKED_EXTRA
+                continue
+            valid.append(candidate)
+            excluded.pop(candidate.label, None)
         for label, why in why_not.items():
             if registry.get(parse_label(label)[0]).coupled_only:
                 excluded[label] = why

@@ -256,3 +256,18 @@ def test_settings_follow_the_mode_and_the_flags(monkeypatch):
     quick = settings("--quick")
     assert quick.mode == "quick" and not quick.coupled_only and quick.chunks == "unchunked"
     assert settings("--suite", "tiny").mode == "custom"
+
+
+def test_strategies_kept_for_coupled_f_are_timed_on_independent_f_in_chunks_only():
+    from benchmarks import measure
+    from autojac.problem import Problem
+
+    settings = run._settings(run.build_parser().parse_args([]), [], ["jacobian"])
+    assert settings.coupled_only
+    f, x, _ = Case("design-grid", catalog()["mlp-2-64-64-64"], "jacobian", 32).make()
+    fixed, left_out = measure.fixed_contenders("jacobian", Problem("jacobian", f, x), run_probes(f, x),
+                                               settings, None)
+    timed = {c.label for c in fixed}
+    assert {"full_diag[chunk=64]", "full_diag[chunk=16]", "full_diag[chunk=1]"} <= timed
+    assert "full_diag" not in timed  # its one vectorized call could not be stopped by the time cap
+    assert {m.label: m.reason for m in left_out}["full_diag"] == measure.UNCHUNKED_EXTRA
