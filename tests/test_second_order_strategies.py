@@ -145,12 +145,16 @@ def test_forward_strategies_do_not_apply_to_hooked_models_or_other_input_ranks()
     handle.remove()
 
 
-def test_the_coupled_hessian_offers_chunks_that_bound_its_seeds():
-    # B*m*n = 512*1*64 rows: the unchunked identity of seeds alone would be 4 GiB in float32.
-    sizes = Sizes(batch=512, n=64, m=1, itemsize=4, activations=512 * 64 * 4 * 4)
-    strategy = get("full_hessian")
-    assert 64 in strategy.chunk_options(sizes)
-    assert strategy.memory(sizes, 64) < 2**30 < 4 * 2**30 < strategy.memory(sizes, None)
+@pytest.mark.parametrize("name, op", [("full_hessian", "hessian"), ("full_hvp", "hvp")])
+def test_the_coupled_second_order_strategies_offer_only_short_spans(name, op):
+    # The second level runs through every lane of its span's vectorized first level: a span of
+    # the whole basis (B*m = 512 here) costs its square, so it is never offered...
+    strategy = get(name, op)
+    large = Sizes(batch=512, n=64, m=1, itemsize=4, activations=512 * 64 * 4 * 4)
+    assert strategy.chunk_options(large) == (4, 2, 1)
+    assert strategy.memory(large, 4) < 2**30
+    # ...unless a short span holds it all anyway
+    assert strategy.chunk_options(Sizes(batch=2, n=3, m=1, itemsize=4, activations=0)) == (None, 1)
 
 
 def test_every_strategy_estimates_at_least_its_result():

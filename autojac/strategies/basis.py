@@ -115,14 +115,27 @@ def own_sample_rows(outputs: Tensor, x: Tensor, chunk: int | None, create_graph:
     batch, rest = outputs.shape[0], tuple(outputs.shape[1:])
     flat = outputs.reshape(-1)
     per_sample = flat.numel() // batch if batch else 0
-    if not outputs.requires_grad or per_sample == 0:
+    if per_sample == 0:
         return x.new_zeros(*outputs.shape, *x.shape[1:])
-    pieces = []
-    for start, stop in spans(flat.numel(), chunk):
-        grads = batched_grad(flat, x, one_hot_rows(start, stop, tuple(flat.shape), flat), create_graph)
-        rows = torch.arange(start, stop, device=x.device)
-        pieces.append(grads[rows - start, rows // per_sample])  # (k, *in)
-    return joined(pieces).reshape(batch, *rest, *x.shape[1:])
+    samples = torch.arange(flat.numel(), device=x.device) // per_sample
+    return own_sample_gradients(flat, samples, x, chunk, create_graph).reshape(batch, *rest, *x.shape[1:])
+
+
+def own_sample_gradients(values: Tensor, samples: Tensor, x: Tensor, chunk: int | None,
+                         create_graph: bool) -> Tensor:
+    """Gradient of each of values (R,) w.r.t. x, keeping the block of x[samples[r]]: (R, *in);
+    `chunk` values per vectorized backward pass."""
+    if not values.requires_grad:  # values do not depend on x
+        return x.new_zeros(values.numel(), *x.shape[1:])
+    return joined([own_sample_span(values, samples, x, start, stop, create_graph)
+                   for start, stop in spans(values.numel(), chunk)])
+
+
+def own_sample_span(values: Tensor, samples: Tensor, x: Tensor, start: int, stop: int,
+                    create_graph: bool) -> Tensor:
+    """own_sample_gradients of values[start:stop] by one vectorized backward pass: (stop - start, *in)."""
+    grads = batched_grad(values, x, one_hot_rows(start, stop, tuple(values.shape), values), create_graph)
+    return grads[torch.arange(stop - start, device=x.device), samples[start:stop]]
 
 
 def batch_first(jac: Tensor, out_dims: int) -> Tensor:

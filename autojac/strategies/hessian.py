@@ -11,10 +11,11 @@ from torch import Tensor
 from torch.func import vmap
 
 from ..problem import Problem, Sizes
-from .basis import batch_first, grad_input, joined, jvp_basis, one_sample, own_sample_rows, spans, vjp_basis
+from .basis import batch_first, grad_input, joined, jvp_basis, one_sample, own_sample_gradients, own_sample_span, \
+    spans, vjp_basis
 from .curvature import (OPS_DIAGONAL, diagonal_of, double_pass_memory, finish_diagonal, output_gradients,
                         input_basis_rows, summed_jacobian, zeros_result)
-from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
+from .registry import BATCH_INDEPENDENT, COUPLED_CHUNKS, VMAP, Strategy, register, set_heuristic
 
 HESSIAN = frozenset({"hessian"})
 
@@ -59,13 +60,23 @@ def _loop_grad_grad(p: Problem, chunk: int | None) -> Tensor:
 
 
 def _full_hessian(p: Problem, chunk: int | None) -> Tensor:
-    # Diagonal blocks of the whole-batch Hessian: exact for batch-coupled f. The first level
-    # keeps each output's own-sample gradient (differentiable), the second level each of
-    # those entries' own-sample gradient; `chunk` rows per vectorized backward pass.
+    # Diagonal blocks of the whole-batch Hessian: exact for batch-coupled f. For each span of
+    # `chunk` output entries, each one's own-sample gradient (differentiable), then each entry of
+    # those gradients' own-sample gradient, through that span's graph only: differentiating the
+    # whole first level at once would make every pass run through all B m of its seeds.
     with torch.enable_grad():
         x = grad_input(p)
-        first = own_sample_rows(p.f(x), x, chunk, create_graph=True)  # (B, *out, *in)
-        hess = own_sample_rows(first, x, chunk, p.create_graph)  # (B, *out, *in, *in)
+        y = p.f(x)
+        flat = y.reshape(-1)
+        if flat.numel() == 0 or not flat.requires_grad:
+            return zeros_result(p, tuple(y.shape[1:]))
+        samples = torch.arange(flat.numel(), device=x.device) // (flat.numel() // p.batch)
+        pieces = []
+        for start, stop in spans(flat.numel(), chunk):
+            first = own_sample_span(flat, samples, x, start, stop, create_graph=True)  # (k, *in)
+            pieces.append(own_sample_gradients(first.reshape(-1), samples[start:stop].repeat_interleave(p.n), x,
+                                               chunk, p.create_graph))  # (k n, *in)
+    hess = joined(pieces).reshape(p.batch, *y.shape[1:], *p.in_shape, *p.in_shape)
     if p.op == "hessian":
         return hess
     return finish_diagonal(p, diagonal_of(hess, p.in_shape))
@@ -91,8 +102,8 @@ def _loop_memory(s: Sizes, chunk: int | None) -> int:
 
 
 def _full_memory(s: Sizes, chunk: int | None) -> int:
-    c = chunk or s.batch * s.m * s.n
-    return double_pass_memory(s, c, s.batch * s.m * s.n, "hessian")
+    c = chunk or s.batch * s.m  # output entries per span; their n-fold second level, as many at a time
+    return double_pass_memory(s, c, s.batch * s.m, "hessian") + s.tensor(c * s.n, s.batch, s.n)
 
 
 def _in_basis(s: Sizes) -> int:
@@ -131,7 +142,7 @@ register(Strategy(
 ))
 register(Strategy(
     name="full_hessian", ops=HESSIAN | OPS_DIAGONAL, run=_full_hessian, memory=_full_memory,
-    basis=lambda s: s.batch * s.m * s.n, chunks=(None, 64, 16, 1), coupled_only=True,
+    basis=lambda s: s.batch * s.m, chunks=COUPLED_CHUNKS, coupled_only=True,
     summary="diagonal blocks of the whole-batch Hessian, row by row of the batch; exact for "
             "batch-coupled f",
 ))

@@ -12,9 +12,9 @@ from torch import Tensor
 from torch.func import jvp
 
 from ..problem import Problem, Sizes
-from .basis import batch_first, grad_input, own_sample_rows, vjp_basis
+from .basis import batch_first, grad_input, joined, own_sample_gradients, own_sample_span, spans, vjp_basis
 from .curvature import double_pass_memory, output_gradients, summed_jacobian, zeros_result
-from .registry import BATCH_INDEPENDENT, Strategy, register, set_heuristic
+from .registry import BATCH_INDEPENDENT, COUPLED_CHUNKS, Strategy, register, set_heuristic
 
 HVP = frozenset({"hvp"})
 
@@ -51,15 +51,22 @@ def _hvp_rev_rev(p: Problem, chunk: int | None) -> Tensor:
 
 
 def _full_hvp(p: Problem, chunk: int | None) -> Tensor:
-    # Batch-coupled f: each output's own-sample gradient (differentiable), contracted with v,
-    # then that scalar's own-sample gradient. 2 B m backward passes, no Hessian.
+    # Batch-coupled f: for each span of `chunk` output entries, each one's own-sample gradient
+    # (differentiable), contracted with its sample's v, then that scalar's own-sample gradient,
+    # through that span's graph only. 2 B m backward passes' worth of work, no Hessian.
     with torch.enable_grad():
         x = grad_input(p)
-        first = own_sample_rows(p.f(x), x, chunk, create_graph=True)  # (B, *out, *in)
-        out_dims = first.dim() - x.dim()
-        v = p.v.reshape(p.batch, *(1,) * out_dims, *p.in_shape)
-        directional = (first * v).flatten(1 + out_dims).sum(-1)  # (B, *out)
-        return own_sample_rows(directional, x, chunk, p.create_graph)
+        y = p.f(x)
+        flat = y.reshape(-1)
+        if flat.numel() == 0 or not flat.requires_grad:
+            return zeros_result(p, tuple(y.shape[1:]))
+        samples = torch.arange(flat.numel(), device=x.device) // (flat.numel() // p.batch)
+        pieces = []
+        for start, stop in spans(flat.numel(), chunk):
+            first = own_sample_span(flat, samples, x, start, stop, create_graph=True)  # (k, *in)
+            directional = (first * p.v[samples[start:stop]]).reshape(stop - start, -1).sum(-1)  # (k,)
+            pieces.append(own_sample_gradients(directional, samples[start:stop], x, None, p.create_graph))
+    return joined(pieces).reshape(p.batch, *y.shape[1:], *p.in_shape)
 
 
 def _vector_memory(s: Sizes, chunk: int | None) -> int:
@@ -97,7 +104,7 @@ register(Strategy(
 ))
 register(Strategy(
     name="full_hvp", ops=HVP, run=_full_hvp, memory=_full_memory,
-    basis=lambda s: s.batch * s.m, chunks=(None, 64, 16, 1), coupled_only=True,
+    basis=lambda s: s.batch * s.m, chunks=COUPLED_CHUNKS, coupled_only=True,
     summary="own-sample gradients of the whole batch contracted with v, differentiated again; exact "
             "for batch-coupled f",
 ))

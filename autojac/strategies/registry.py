@@ -21,8 +21,13 @@ VMAP = "vmap"
 NEEDS = frozenset({BATCH_INDEPENDENT, VMAP})
 
 # Chunk sizes offered for strategies that vectorize over a basis, in preference order
-# (None = the whole basis at once). A chunk at least as long as the basis is left out.
+# (None = the whole basis at once). A chunk at least as long as the basis is the whole basis.
 CHUNKS: tuple[int | None, ...] = (None, 64, 16)
+# For the second-order strategies kept for batch-coupled f: their second level runs through the
+# vectorized first level of each span, all of its lanes, so its cost grows with the square of the
+# span (tanh MLP 2 -> 64 -> 64 -> 4, B=512, the whole Hessian: spans of 2 take 2.1 s, of 4 6.8 s,
+# of 8 23 s, of the whole basis over 20 minutes). Short spans keep them at B times the batch trick.
+COUPLED_CHUNKS: tuple[int | None, ...] = (4, 2, 1)
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,10 @@ class Strategy:
         if self.basis is None:
             return (None,)
         length = self.basis(sizes)
-        return tuple(c for c in self.chunks if c is None or c < length)
+        shorter = tuple(c for c in self.chunks if c is None or c < length)
+        if None not in self.chunks and any(c is not None and c >= length for c in self.chunks):
+            return (None, *shorter)  # a chunk as long as the basis: the whole basis in one span
+        return shorter
 
     def __call__(self, problem: Problem, chunk: int | None = None) -> Tensor:
         """Run the strategy: the result has x's dtype, and is detached unless problem.create_graph."""
