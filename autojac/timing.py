@@ -89,6 +89,10 @@ class TuneSettings:
     chunk_margin: float = 1.5  # chunked variants are tried for strategies within 1.5x of the best
     min_repeats: int = 5
     max_repeats: int = 200
+    # Finalists (within this factor of the best, three at most) are timed again side by side until
+    # each has `confirm_repeats` calls, within one more budget: a lucky single call must not decide.
+    confirm_margin: float = 1.25
+    confirm_repeats: int = 3
 
     @classmethod
     def from_env(cls) -> TuneSettings:

@@ -77,7 +77,11 @@ class _Tuning:
     2. The other forms, for strategies within `chunk_margin` of the best or that did not fit.
     3. Timed rounds over the survivors, interleaved so that drift hits all alike, until each
        has its share of the budget or `max_repeats` calls; the median is kept.
-    4. Results that disagree with the majority are excluded. The fastest wins; medians within
+    4. Confirmation: the finalists (within `confirm_margin` of the best, three at most) are timed
+       again side by side until each has `confirm_repeats` calls, as far as one more budget
+       allows: where a call takes a good part of the budget, steps 1-3 leave most candidates with
+       a single timed call, and one lucky call (20-30% off on a busy machine) must not decide.
+    5. Results that disagree with the majority are excluded. The fastest wins; medians within
        `tie_margin` of it tie, and ties go to the lower memory estimate, then the heuristic rank.
     With `tune` False, the first candidate that runs wins and nothing is timed.
     """
@@ -114,6 +118,7 @@ class _Tuning:
         if not self.samples:
             raise NoCandidateError("result", self.excluded)
         self._rounds()
+        self._confirm()
         return self._outcome(self._winner())
 
     def _first_forms(self) -> tuple[list[Candidate], list[Candidate]]:
@@ -221,6 +226,30 @@ class _Tuning:
                 behind = len(samples.seconds) >= 3 and samples.median > self.settings.drop_factor * self._best()
                 if enough or behind:
                     active.remove(candidate)
+
+    def _confirm(self) -> None:
+        if not self.tune:
+            return
+        best = self._best()
+        measured = sorted((c for c in self.pool if self.samples.get(c.label) and self.samples[c.label].seconds),
+                          key=lambda c: self.samples[c.label].median)
+        finalists = [c for c in measured if self.samples[c.label].median <= self.settings.confirm_margin * best][:3]
+        if len(finalists) < 2:
+            return
+        limit = max(self._spent(), self.settings.budget) + self.settings.budget
+        while True:
+            short = [c for c in finalists if len(self.samples[c.label].seconds) < self.settings.confirm_repeats]
+            if not short or self._spent() + sum(self.samples[c.label].median for c in short) > limit:
+                return
+            for candidate in short:
+                try:
+                    _, seconds = timed(self.clock, lambda: self.run(candidate))
+                except Exception as error:  # flaky failure: exclude it, as in the rounds
+                    self.excluded[candidate.label] = describe_failure(error)
+                    del self.samples[candidate.label]
+                    finalists.remove(candidate)
+                    continue
+                self.samples[candidate.label].add(seconds)
 
     def _winner(self) -> Candidate:
         by_label = {c.label: c for c in self.pool}

@@ -204,3 +204,24 @@ def test_a_strategy_too_big_to_run_whole_is_first_tried_at_its_largest_chunk():
     clock, calls = FakeClock(), []
     choose(pool, runner(clock, costs, calls=calls), clock=clock, settings=SETTINGS, tune=True)
     assert calls[0] == "big"
+
+
+def test_a_lucky_single_call_does_not_decide_when_each_call_takes_much_of_the_budget():
+    # Calls take a quarter of the budget each: "b" and "c" are timed once after their warm-ups
+    # before the budget is spent, and "c" was lucky that once (0.85 against its usual 1.2).
+    clock = FakeClock()
+    pool = [make("b", rank=0), make("c", rank=1), make("a", rank=2)]
+    durations = {"b": [1.0], "c": [1.2, 0.85, 1.2], "a": [3.0]}  # call by call; the last one repeats
+    calls = {label: 0 for label in durations}
+
+    def run(candidate):
+        sequence = durations[candidate.label]
+        clock.t += sequence[min(calls[candidate.label], len(sequence) - 1)]
+        calls[candidate.label] += 1
+        return ANSWER
+
+    outcome = choose(pool, run, clock=clock, settings=TuneSettings(budget=4.0), tune=True)
+    assert outcome.winner.label == "b"
+    assert outcome.samples["c"].seconds[:2] == pytest.approx([0.85, 1.2])  # its lucky call, then a confirming one
+    assert len(outcome.samples["b"].seconds) >= 2
+    assert clock.t <= 2 * 4.0 + 1.2  # one more budget at most (and the call that crossed it)
