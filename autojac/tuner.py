@@ -74,7 +74,9 @@ class _Tuning:
        slower than the best so far is dropped. Errors and out-of-memory exclude a candidate with
        its reason. The first form is the unchunked one, or the largest chunk where the unchunked
        one did not fit or is estimated over `chunk_first_above` bytes.
-    2. The other forms, for strategies within `chunk_margin` of the best or that did not fit.
+    2. The other forms, for strategies within `chunk_margin` of the best or that did not fit,
+       and the whole form of every strategy first tried in chunks: for one within
+       `chunk_margin`, even when the first forms spent the budget, as far as one more allows.
     3. Timed rounds over the survivors, interleaved so that drift hits all alike, until each
        has its share of the budget or `max_repeats` calls; the median is kept.
     4. Confirmation: the finalists (within `confirm_margin` of the best, three at most) are timed
@@ -108,9 +110,12 @@ class _Tuning:
         for candidate in others:
             # A whole basis first tried in chunks is tried whole too: the size estimate that put
             # its chunks first is an upper bound, and at small sizes chunks only add overhead.
-            worth = candidate.strategy.name in promising or (
-                candidate.chunk is None and candidate.strategy.name in self.chunked_first)
-            if worth and self._warm_up(candidate) and not self.tune:
+            # For a promising strategy that holds even past the budget, within one more: where
+            # every first form takes a good part of the budget, it would otherwise never run.
+            whole = candidate.chunk is None and candidate.strategy.name in self.chunked_first
+            worth = candidate.strategy.name in promising or whole
+            budget = 2 * self.settings.budget if whole and candidate.strategy.name in promising else None
+            if worth and self._warm_up(candidate, budget) and not self.tune:
                 return self._outcome(candidate)
             if not worth:
                 self.excluded[candidate.label] = (f"not timed: its first form was not within "
@@ -142,15 +147,17 @@ class _Tuning:
     def _spent(self) -> float:
         return self.clock.now() - self.started
 
-    def _warm_up(self, candidate: Candidate) -> bool:
+    def _warm_up(self, candidate: Candidate, budget: float | None = None) -> bool:
         """Run once to check, once to time; True if the candidate survives.
 
-        The budget is checked before each candidate: none starts when less is left than the
-        best time so far. A warm-up that spent the budget, or that was already far behind the
-        best, is not repeated: its time stands as its one sample (an upper bound).
+        The budget (the settings' unless given) is checked before each candidate: none starts
+        when less is left than the best time so far. A warm-up that spent the budget, or that
+        was already far behind the best, is not repeated: its time stands as its one sample
+        (an upper bound).
         """
         label = candidate.label
-        if self.tune and self.samples and self.settings.budget - self._spent() < self._best():
+        budget = self.settings.budget if budget is None else budget
+        if self.tune and self.samples and budget - self._spent() < self._best():
             self.excluded[label] = (f"not timed: the tuning budget of {self.settings.budget:g} s was spent "
                                     f"(AUTOJAC_TUNE_BUDGET)")
             return False
@@ -158,7 +165,7 @@ class _Tuning:
         try:
             result, seconds = timed(self.clock, lambda: self.run(candidate))
             far_behind = seconds > 2 * self.settings.drop_factor * self._best()
-            if self.tune and not far_behind and self._spent() < self.settings.budget:
+            if self.tune and not far_behind and self._spent() < budget:
                 _, seconds = timed(self.clock, lambda: self.run(candidate))
         except Exception as error:  # a failing candidate is data: excluded with its reason
             failure = describe_failure(error)

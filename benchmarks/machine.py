@@ -44,10 +44,16 @@ def load_average() -> list[float]:
         return []
 
 
-def busy_note(load: list[float], cpus: int, when: str) -> str:
-    """A warning for the results when other work was running (1-minute load over half the CPUs)."""
-    if load and load[0] > 0.5 * cpus:
-        return (f"the machine was busy {when} (load average {load[0]:.1f} on {cpus} CPUs): other processes "
+BUSY = "the machine was busy"
+
+
+def busy_note(load: list[float], cpus: int, when: str, own: int = 0) -> str:
+    """A warning for the results when other work was running: a 1-minute load average over half
+    the CPUs, not counting the `own` threads the benchmark itself kept busy (at its end, the
+    load average is mostly its own)."""
+    if load and load[0] - min(own, cpus) > 0.5 * cpus:
+        mine = f", {min(own, cpus)} of it this run's" if own else ""
+        return (f"{BUSY} {when} (load average {load[0]:.1f} on {cpus} CPUs{mine}): other processes "
                 f"competed for the cores, so these timings are unreliable; rerun on a quiet machine")
     return ""
 

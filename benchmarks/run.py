@@ -29,9 +29,9 @@ from autojac.store import MemoryStore
 from autojac.timing import TuneSettings
 
 from . import report
-from .machine import busy_note, describe, load_average
+from .machine import BUSY, busy_note, describe, load_average
 from .measure import available_ops, measure_case
-from .schema import CaseResult, Run, Settings
+from .schema import CaseResult, Machine, Run, Settings
 from .workloads import FULL, SUITES, Case, suite
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -153,12 +153,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_line(i, len(cases), result), flush=True)
     overheads = [c.dispatch.overhead for c in results if c.dispatch is not None]
     end_load = load_average()
-    notes += [n for n in (busy_note(machine.load_average, machine.cpu_count, "when the run started"),
-                          busy_note(end_load, machine.cpu_count, "when the run ended")) if n]
+    notes += _busy_notes(machine, end_load)
     run = Run(created=created, seconds=time.perf_counter() - started, machine=machine, settings=settings,
               notes=notes, cases=results, summaries=report.summaries(results), load_average_end=end_load,
               dispatch_overhead_median=report.median(overheads))
     return _finish(run, args)
+
+
+def _busy_notes(machine: Machine, end_load: list[float]) -> list[str]:
+    """Notes for a run that other work competed with, at its start or at its end."""
+    notes = (busy_note(machine.load_average, machine.cpu_count, "when the run started"),
+             busy_note(end_load, machine.cpu_count, "when the run ended", own=machine.threads))
+    return [note for note in notes if note]
 
 
 def _finish(run: Run, args: argparse.Namespace) -> int:
@@ -199,7 +205,9 @@ def merge(runs: Sequence[Run]) -> Run:
     is_full = set(suites) == set(FULL) and all(settings[key] == value for key, value in full.items())
     cases = [c for run in runs for c in run.cases]
     overheads = [c.dispatch.overhead for c in cases if c.dispatch is not None]
-    notes = list(dict.fromkeys(note for run in runs for note in run.notes))
+    # the load notes are judged again, run by run, by the current rule
+    notes = list(dict.fromkeys([*(note for run in runs for note in run.notes if not note.startswith(BUSY)),
+                                *(note for run in runs for note in _busy_notes(run.machine, run.load_average_end))]))
     return Run(created=min(run.created for run in runs), seconds=sum(run.seconds for run in runs),
                machine=first.machine, notes=notes, cases=cases, summaries=report.summaries(cases),
                settings=first.settings.model_copy(update=dict(

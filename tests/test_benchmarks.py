@@ -231,6 +231,18 @@ def test_merge_joins_suites_run_one_at_a_time(tmp_path):
     with pytest.raises(ValueError, match=r"threads is \d+ in one, 7 in another"):
         run.merge([tiny, other_machine])
 
+    # load notes are judged again by the current rule: a run's own threads do not make it busy
+    stale = "the machine was busy when the run ended (load average 1.9 on 2 CPUs): ..."
+    quiet = tiny.machine.model_copy(update={"cpu_count": 2, "threads": 2, "load_average": [0.3, 0.3, 0.3]})
+    busy_end = [as_suite(name, **full).model_copy(update={"machine": quiet, "notes": [stale, "kept"],
+                                                           "load_average_end": [load, 1.0, 1.0]})
+                for name, load in (("design-grid", 1.9), ("second-order", 3.6))]
+    notes = run.merge(busy_end).notes
+    assert stale not in notes and "kept" in notes
+    assert notes[1:] == ["the machine was busy when the run ended (load average 3.6 on 2 CPUs, 2 of it this "
+                         "run's): other processes competed for the cores, so these timings are unreliable; "
+                         "rerun on a quiet machine"]
+
     (tmp_path / "b.json").write_text(parts[0].model_dump_json())
     (tmp_path / "c.json").write_text(parts[1].model_dump_json())
     (tmp_path / "d.json").write_text(parts[2].model_dump_json())

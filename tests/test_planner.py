@@ -225,3 +225,21 @@ def test_a_lucky_single_call_does_not_decide_when_each_call_takes_much_of_the_bu
     assert outcome.samples["c"].seconds[:2] == pytest.approx([0.85, 1.2])  # its lucky call, then a confirming one
     assert len(outcome.samples["b"].seconds) >= 2
     assert clock.t <= 2 * 4.0 + 1.2  # one more budget at most (and the call that crossed it)
+
+
+def test_the_whole_form_of_a_promising_strategy_first_tried_in_chunks_runs_even_past_the_budget():
+    # Every first form takes much of the budget (a (512, 512 -> 512) Jacobian on a CPU): the chunked
+    # form of "big" leads, and its whole form, faster still, must not be left untimed.
+    pool = [make("big", memory=200, rank=0), make("big", memory=50, rank=0, chunk=64),
+            make("slow", memory=200, rank=1), make("slow", memory=50, rank=1, chunk=64),
+            make("other", memory=10, rank=2)]
+    costs = {"big": 0.28, "big[chunk=64]": 0.35, "slow": 0.3, "slow[chunk=64]": 0.65, "other": 0.6}
+    clock, calls = FakeClock(), []
+    outcome = choose(pool, runner(clock, costs, calls=calls), clock=clock, settings=TuneSettings(budget=1.5),
+                     tune=True, chunk_first_above=100)
+    assert outcome.winner.label == "big"
+    assert calls[:6] == ["big[chunk=64]"] * 2 + ["slow[chunk=64]"] * 2 + ["big"] * 2
+    assert "tuning budget" in outcome.excluded["other"]  # the first forms spent the budget
+    # "slow" was not within 1.5x of the best in chunks: its whole form gets no extra budget
+    assert "slow" not in calls and "tuning budget" in outcome.excluded["slow"]
+    assert clock.t <= 3 * 1.5 + 0.65  # the extension and the confirmation round: one more budget each at most
