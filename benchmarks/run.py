@@ -160,11 +160,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _finish(run, args)
 
 
-def _busy_notes(machine: Machine, end_load: list[float]) -> list[str]:
-    """Notes for a run that other work competed with, at its start or at its end."""
-    notes = (busy_note(machine.load_average, machine.cpu_count, "when the run started"),
+def _busy_notes(machine: Machine, end_load: list[float], inherited: int = 0) -> list[str]:
+    """Notes for a run that other work competed with, at its start or at its end; `inherited`:
+    threads of a run that ended just before this one started (the 1-minute load average still
+    counts them)."""
+    notes = (busy_note(machine.load_average, machine.cpu_count, "when the run started", own=inherited),
              busy_note(end_load, machine.cpu_count, "when the run ended", own=machine.threads))
     return [note for note in notes if note]
+
+
+def _judged_load_notes(runs: Sequence[Run]) -> list[str]:
+    """The load notes of runs made one after another (suites run one by one), judged again."""
+    notes, previous = [], None
+    for run in runs:
+        # five minutes on, the 1-minute load average keeps under 1% of what the previous run added
+        follows = previous is not None and 0 <= (run.created - previous.created).total_seconds() - previous.seconds < 300
+        notes += _busy_notes(run.machine, run.load_average_end, previous.machine.threads if follows else 0)
+        previous = run
+    return notes
 
 
 def _finish(run: Run, args: argparse.Namespace) -> int:
@@ -207,7 +220,7 @@ def merge(runs: Sequence[Run]) -> Run:
     overheads = [c.dispatch.overhead for c in cases if c.dispatch is not None]
     # the load notes are judged again, run by run, by the current rule
     notes = list(dict.fromkeys([*(note for run in runs for note in run.notes if not note.startswith(BUSY)),
-                                *(note for run in runs for note in _busy_notes(run.machine, run.load_average_end))]))
+                                *_judged_load_notes(runs)]))
     return Run(created=min(run.created for run in runs), seconds=sum(run.seconds for run in runs),
                machine=first.machine, notes=notes, cases=cases, summaries=report.summaries(cases),
                settings=first.settings.model_copy(update=dict(

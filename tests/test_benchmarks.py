@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,13 @@ def test_merge_joins_suites_run_one_at_a_time(tmp_path):
     assert notes[1:] == ["the machine was busy when the run ended (load average 3.6 on 2 CPUs, 2 of it this "
                          "run's): other processes competed for the cores, so these timings are unreliable; "
                          "rerun on a quiet machine"]
+    # a suite started right after another inherits its load in the 1-minute average: not busy
+    first = busy_end[0].model_copy(update={"load_average_end": [1.9, 1.0, 1.0], "seconds": 60.0})
+    after = dict(machine=quiet.model_copy(update={"load_average": [1.8, 1.0, 1.0]}), load_average_end=[1.9, 1.0, 1.0])
+    follows = busy_end[1].model_copy(update=dict(after, created=first.created + timedelta(seconds=61)))
+    later = busy_end[1].model_copy(update=dict(after, created=first.created + timedelta(hours=1)))
+    assert run.merge([first, follows]).notes == ["kept"]
+    assert any("busy when the run started (load average 1.8" in n for n in run.merge([first, later]).notes)
 
     (tmp_path / "b.json").write_text(parts[0].model_dump_json())
     (tmp_path / "c.json").write_text(parts[1].model_dump_json())
