@@ -96,7 +96,8 @@ class _SavedBytes:
         self._seen: set[tuple[int, int]] = set()
 
     def pack(self, tensor: Tensor) -> Tensor:
-        if not (tensor.is_leaf and tensor.requires_grad):
+        base = tensor if tensor._base is None else tensor._base  # nn.Linear saves weight.t(), a view
+        if not (base.is_leaf and base.requires_grad):
             try:
                 key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
             except (RuntimeError, NotImplementedError):  # storage-less tensors
