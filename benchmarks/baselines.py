@@ -18,8 +18,10 @@ from torch import Tensor
 from torch.func import hessian, jacrev, jvp, vmap
 
 from autojac import demo
-from autojac.memory import format_bytes
+from autojac.memory import budget_bytes, format_bytes
 from autojac.probes import Probes
+from autojac.problem import Sizes
+from autojac.strategies import registry
 from autojac.strategies.basis import one_sample
 
 Role = Literal["tutorial", "full"]
@@ -70,9 +72,17 @@ def _hessian_per_sample(f, x, probes: Probes, name: str, finish: Callable[[Tenso
     """vmap(hessian(f_one)) -> (B, *out, *in, *in), then `finish` (identity, diagonal or trace);
     not attempted if those Hessians would take over `limit` bytes."""
     reason = _per_sample_reason(probes)
-    size = 3 * x.shape[0] * math.prod(probes.out_shape) * math.prod(x.shape[1:]) ** 2 * x.element_size()
+    n, m = math.prod(x.shape[1:]), math.prod(probes.out_shape)
+    size = 3 * x.shape[0] * m * n ** 2 * x.element_size()
+    # It is vmap_fwd_rev run whole, and its working memory is that strategy's estimate: n m lanes
+    # of f's activations (a decoder 8 -> 784 at B=512: 25 GB, which killed the benchmark).
+    sizes = Sizes(batch=x.shape[0], n=n, m=m, itemsize=x.element_size(), activations=probes.activations)
+    working, budget = registry.get("vmap_fwd_rev", "hessian").memory(sizes, None), budget_bytes(x.device)
     if not reason and limit is not None and size > limit:
         reason = f"the per-sample Hessians need about {format_bytes(size)}, over {format_bytes(limit)}"
+    elif not reason and budget is not None and working > budget:
+        reason = (f"vmap(hessian) needs about {format_bytes(working)} (vmap_fwd_rev's estimate), over the "
+                  f"memory budget of {format_bytes(budget)}")
     if reason:
         return Baseline(name, "tutorial", None, reason)
     per_sample = vmap(hessian(one_sample(f)))

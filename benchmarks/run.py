@@ -146,18 +146,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         if note:
             print(f"note: {note}")
     _warm_up(device)
-    results = []
+    results: list[CaseResult] = []
+
+    def so_far(extra: list[str]) -> Run:
+        overheads = [c.dispatch.overhead for c in results if c.dispatch is not None]
+        end_load = load_average()
+        return Run(created=created, seconds=time.perf_counter() - started, machine=machine, settings=settings,
+                   notes=[*notes, *extra, *_busy_notes(machine, end_load)], cases=results,
+                   summaries=report.summaries(results), load_average_end=end_load,
+                   dispatch_overhead_median=report.median(overheads))
+
+    checkpoint = None
     for i, case in enumerate(cases, 1):
         result = measure_case(case, settings, machine, device)
         results.append(result)
         print(_line(i, len(cases), result), flush=True)
-    overheads = [c.dispatch.overhead for c in results if c.dispatch is not None]
-    end_load = load_average()
-    notes += _busy_notes(machine, end_load)
-    run = Run(created=created, seconds=time.perf_counter() - started, machine=machine, settings=settings,
-              notes=notes, cases=results, summaries=report.summaries(results), load_average_end=end_load,
-              dispatch_overhead_median=report.median(overheads))
-    return _finish(run, args)
+        if i < len(cases):  # a run killed later (out of memory, a deadline) keeps what it measured
+            checkpoint = _checkpoint(so_far([f"partial: the run stopped after {i} of {len(cases)} cases"]), args.out)
+    code = _finish(so_far([]), args)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return code
+
+
+def _checkpoint(run: Run, out: Path) -> Path:
+    """The run so far, as DEVICE-DATE-MODE.partial.json (written atomically); a valid run to merge."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem(run)}.partial.json"
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(run.model_dump_json(indent=1))
+    os.replace(temporary, path)
+    return path
 
 
 def _busy_notes(machine: Machine, end_load: list[float], inherited: int = 0) -> list[str]:
@@ -190,7 +209,7 @@ def _finish(run: Run, args: argparse.Namespace) -> int:
 
 # What must match for runs to be joined: the machine and every setting but the suites.
 _SAME_MACHINE = ("device", "device_name", "hostname", "torch", "autojac", "python", "threads")
-_PER_SUITE = {"mode", "suites", "command"}
+_PER_SUITE = {"mode", "suites", "command", "ops"}  # ops: each case names its own
 
 
 def merge(runs: Sequence[Run]) -> Run:
@@ -215,7 +234,8 @@ def merge(runs: Sequence[Run]) -> Run:
             raise ValueError(f"suite {', '.join(repeated)} appears in two runs; merge each suite once")
         suites += run.settings.suites
     full = dict(MODES["full"], tune_budget=settings["tune_budget"])
-    is_full = set(suites) == set(FULL) and all(settings[key] == value for key, value in full.items())
+    every_op = all(set(run.settings.ops) == set(first.settings.ops) for run in runs)
+    is_full = every_op and set(suites) == set(FULL) and all(settings[key] == value for key, value in full.items())
     cases = [c for run in runs for c in run.cases]
     overheads = [c.dispatch.overhead for c in cases if c.dispatch is not None]
     # the load notes are judged again, run by run, by the current rule
@@ -225,6 +245,7 @@ def merge(runs: Sequence[Run]) -> Run:
                machine=first.machine, notes=notes, cases=cases, summaries=report.summaries(cases),
                settings=first.settings.model_copy(update=dict(
                    mode="full" if is_full else "custom", suites=suites,
+                   ops=list(dict.fromkeys(op for run in runs for op in run.settings.ops)),
                    command=" && ".join(run.settings.command for run in runs))),
                load_average_end=runs[-1].load_average_end, dispatch_overhead_median=report.median(overheads))
 

@@ -224,6 +224,8 @@ def test_merge_joins_suites_run_one_at_a_time(tmp_path):
     assert overall.cases == len(merged.cases)
     assert run.merge(parts[:2]).settings.mode == "custom"  # not every suite of a full run
 
+    other_ops = run.merge([tiny, as_suite("quick", ops=["jacobian"])])  # each case names its own op
+    assert other_ops.settings.ops == ["hessian", "jacobian"] and other_ops.settings.mode == "custom"
     with pytest.raises(ValueError, match="suite tiny appears in two runs"):
         run.merge([tiny, tiny])
     with pytest.raises(ValueError, match=r"different settings \(min_time\)"):
@@ -291,3 +293,42 @@ def test_strategies_kept_for_coupled_f_are_timed_on_independent_f_in_chunks_only
     assert {"full_diag[chunk=64]", "full_diag[chunk=16]", "full_diag[chunk=1]"} <= timed
     assert "full_diag" not in timed  # its one vectorized call could not be stopped by the time cap
     assert {m.label: m.reason for m in left_out}["full_diag"] == measure.UNCHUNKED_EXTRA
+
+
+def test_vmap_hessian_baseline_is_not_attempted_when_its_working_memory_is_over_the_budget(monkeypatch):
+    # vmap(hessian) is vmap_fwd_rev whole: n m lanes of f's activations. On a decoder 8 -> 784 at
+    # B=512 it allocates over 10 GB in one tensor (the benchmark process was killed); its result
+    # alone is 100 MB, which is all the old guard counted.
+    from benchmarks.workloads import catalog
+
+    monkeypatch.setattr(baselines, "budget_bytes", lambda device: 4 * 2**30)
+    f = catalog()["decoder-8-784"].build()
+    for batch, attempted in ((32, True), (512, False)):
+        x = torch.randn(batch, 8)
+        (found,) = baselines.for_op("hessian", f, x, None, run_probes(f, x))
+        assert (found.run is not None) == attempted
+    assert "vmap(hessian) needs about" in found.reason and "over the memory budget of 4.0 GiB" in found.reason
+
+
+def test_a_run_stopped_midway_keeps_the_cases_it_measured(tmp_path, monkeypatch):
+    measured = []
+
+    def measure_until_killed(case, *args):
+        if len(measured) == 2:
+            raise KeyboardInterrupt  # as far as the run can tell, the process stops here
+        measured.append(real(case, *args))
+        return measured[-1]
+
+    real = run.measure_case
+    monkeypatch.setattr(run, "measure_case", measure_until_killed)
+    with pytest.raises(KeyboardInterrupt):
+        run.main([*FAST, "--ops", "jacobian", "--ops", "hessian", "--out", str(tmp_path), "--no-plot"])
+    (partial,) = tmp_path.glob("*.partial.json")
+    kept = Run.model_validate_json(partial.read_text())
+    assert [c.workload for c in kept.cases] == [c.workload for c in measured]
+    assert any(note.startswith("partial: the run stopped after 2 of") for note in kept.notes)
+    assert run.merge([kept]).cases == kept.cases  # joinable like any run
+
+    monkeypatch.setattr(run, "measure_case", real)
+    assert run.main([*FAST, "--ops", "jacobian", "--ops", "hessian", "--out", str(tmp_path), "--no-plot"]) == 0
+    assert not list(tmp_path.glob("*.partial.json"))  # a finished run leaves its full files only
