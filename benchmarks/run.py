@@ -191,7 +191,7 @@ def _busy_notes(machine: Machine, end_load: list[float], inherited: int = 0) -> 
 def _judged_load_notes(runs: Sequence[Run]) -> list[str]:
     """The load notes of runs made one after another (suites run one by one), judged again."""
     notes, previous = [], None
-    for run in runs:
+    for run in sorted(runs, key=lambda r: r.created):
         # five minutes on, the 1-minute load average keeps under 1% of what the previous run added
         follows = previous is not None and 0 <= (run.created - previous.created).total_seconds() - previous.seconds < 300
         notes += _busy_notes(run.machine, run.load_average_end, previous.machine.threads if follows else 0)
