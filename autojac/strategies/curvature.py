@@ -9,12 +9,13 @@ every sample at once (the batch trick).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ..problem import Problem, Sizes, result_shape
-from .basis import Fn, batched_grad, grad_input, one_hot_rows, vjp_basis
+from .basis import Fn, batched_grad, grad_input, joined, one_hot_rows, own_sample_span, spans, vjp_basis
 
 OPS_DIAGONAL = frozenset({"hessian_diag", "laplacian"})
 
@@ -82,3 +83,22 @@ def double_pass_memory(s: Sizes, passes: int, seed_elements: int, op: str) -> in
     """Peak bytes of `passes` vectorized second-order passes with seeds of seed_elements each."""
     return (s.activations * (3 + 2 * passes) + s.tensor(passes, seed_elements)
             + s.tensor(s.m, s.batch, s.n) + 2 * result_bytes(s, op))
+
+
+def coupled_second_level(p: Problem, chunk: int | None,
+                         second: Callable[[Tensor, Tensor, Tensor], Tensor]) -> tuple[Tensor | None, tuple[int, ...]]:
+    """For batch-coupled f: for each span of `chunk` output entries of f(x), their own-sample
+    gradients `first` (k, *in), differentiable, then `second(first, samples, x)` (samples: each
+    entry's sample), through that span's graph only: differentiating the whole first level at
+    once would make every pass run through all B m of its seeds. Returns the pieces joined
+    (None when f(x) is empty or does not depend on x) and the per-sample output shape."""
+    with torch.enable_grad():
+        x = grad_input(p)
+        y = p.f(x)
+        flat, out_shape = y.reshape(-1), tuple(y.shape[1:])
+        if flat.numel() == 0 or not flat.requires_grad:
+            return None, out_shape
+        samples = torch.arange(flat.numel(), device=x.device) // (flat.numel() // p.batch)
+        pieces = [second(own_sample_span(flat, samples, x, start, stop, create_graph=True), samples[start:stop], x)
+                  for start, stop in spans(flat.numel(), chunk)]
+    return joined(pieces), out_shape

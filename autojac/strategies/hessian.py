@@ -11,9 +11,8 @@ from torch import Tensor
 from torch.func import vmap
 
 from ..problem import Problem, Sizes
-from .basis import batch_first, grad_input, joined, jvp_basis, one_sample, own_sample_gradients, own_sample_span, \
-    spans, vjp_basis
-from .curvature import (OPS_DIAGONAL, diagonal_of, double_pass_memory, finish_diagonal, output_gradients,
+from .basis import batch_first, joined, jvp_basis, one_sample, own_sample_gradients, spans, vjp_basis
+from .curvature import (OPS_DIAGONAL, coupled_second_level, diagonal_of, double_pass_memory, finish_diagonal, output_gradients,
                         input_basis_rows, summed_jacobian, zeros_result)
 from .registry import BATCH_INDEPENDENT, COUPLED_CHUNKS, VMAP, Strategy, register, set_heuristic
 
@@ -60,23 +59,15 @@ def _loop_grad_grad(p: Problem, chunk: int | None) -> Tensor:
 
 
 def _full_hessian(p: Problem, chunk: int | None) -> Tensor:
-    # Diagonal blocks of the whole-batch Hessian: exact for batch-coupled f. For each span of
-    # `chunk` output entries, each one's own-sample gradient (differentiable), then each entry of
-    # those gradients' own-sample gradient, through that span's graph only: differentiating the
-    # whole first level at once would make every pass run through all B m of its seeds.
-    with torch.enable_grad():
-        x = grad_input(p)
-        y = p.f(x)
-        flat = y.reshape(-1)
-        if flat.numel() == 0 or not flat.requires_grad:
-            return zeros_result(p, tuple(y.shape[1:]))
-        samples = torch.arange(flat.numel(), device=x.device) // (flat.numel() // p.batch)
-        pieces = []
-        for start, stop in spans(flat.numel(), chunk):
-            first = own_sample_span(flat, samples, x, start, stop, create_graph=True)  # (k, *in)
-            pieces.append(own_sample_gradients(first.reshape(-1), samples[start:stop].repeat_interleave(p.n), x,
-                                               chunk, p.create_graph))  # (k n, *in)
-    hess = joined(pieces).reshape(p.batch, *y.shape[1:], *p.in_shape, *p.in_shape)
+    # Diagonal blocks of the whole-batch Hessian: exact for batch-coupled f. Per span of output
+    # entries, each entry of their own-sample gradients (k, *in) differentiated again, own sample.
+    def second(first: Tensor, samples: Tensor, x: Tensor) -> Tensor:  # (k n, *in)
+        return own_sample_gradients(first.reshape(-1), samples.repeat_interleave(p.n), x, chunk, p.create_graph)
+
+    pieces, out_shape = coupled_second_level(p, chunk, second)
+    if pieces is None:
+        return zeros_result(p, out_shape)
+    hess = pieces.reshape(p.batch, *out_shape, *p.in_shape, *p.in_shape)
     if p.op == "hessian":
         return hess
     return finish_diagonal(p, diagonal_of(hess, p.in_shape))

@@ -12,8 +12,8 @@ from torch import Tensor
 from torch.func import jvp
 
 from ..problem import Problem, Sizes
-from .basis import batch_first, grad_input, joined, own_sample_gradients, own_sample_span, spans, vjp_basis
-from .curvature import double_pass_memory, output_gradients, summed_jacobian, zeros_result
+from .basis import batch_first, own_sample_gradients, vjp_basis
+from .curvature import coupled_second_level, double_pass_memory, output_gradients, summed_jacobian, zeros_result
 from .registry import BATCH_INDEPENDENT, COUPLED_CHUNKS, Strategy, register, set_heuristic
 
 HVP = frozenset({"hvp"})
@@ -51,22 +51,17 @@ def _hvp_rev_rev(p: Problem, chunk: int | None) -> Tensor:
 
 
 def _full_hvp(p: Problem, chunk: int | None) -> Tensor:
-    # Batch-coupled f: for each span of `chunk` output entries, each one's own-sample gradient
-    # (differentiable), contracted with its sample's v, then that scalar's own-sample gradient,
-    # through that span's graph only. 2 B m backward passes' worth of work, no Hessian.
-    with torch.enable_grad():
-        x = grad_input(p)
-        y = p.f(x)
-        flat = y.reshape(-1)
-        if flat.numel() == 0 or not flat.requires_grad:
-            return zeros_result(p, tuple(y.shape[1:]))
-        samples = torch.arange(flat.numel(), device=x.device) // (flat.numel() // p.batch)
-        pieces = []
-        for start, stop in spans(flat.numel(), chunk):
-            first = own_sample_span(flat, samples, x, start, stop, create_graph=True)  # (k, *in)
-            directional = (first * p.v[samples[start:stop]]).reshape(stop - start, -1).sum(-1)  # (k,)
-            pieces.append(own_sample_gradients(directional, samples[start:stop], x, None, p.create_graph))
-    return joined(pieces).reshape(p.batch, *y.shape[1:], *p.in_shape)
+    # Batch-coupled f: per span of output entries, each one's own-sample gradient contracted
+    # with its sample's v, then that scalar's own-sample gradient. 2 B m backward passes' worth
+    # of work, no Hessian.
+    def second(first: Tensor, samples: Tensor, x: Tensor) -> Tensor:  # (k, *in)
+        directional = (first * p.v[samples]).reshape(len(samples), -1).sum(-1)  # (k,)
+        return own_sample_gradients(directional, samples, x, None, p.create_graph)
+
+    pieces, out_shape = coupled_second_level(p, chunk, second)
+    if pieces is None:
+        return zeros_result(p, out_shape)
+    return pieces.reshape(p.batch, *out_shape, *p.in_shape)
 
 
 def _vector_memory(s: Sizes, chunk: int | None) -> int:
