@@ -111,7 +111,7 @@ def write_plan_file(path: Path, plans: Iterable[Plan]) -> None:
     """Write a plan file to ship (readable by all), atomically: temporary file, fsync, rename."""
     path = Path(path)
     try:
-        _write_atomically(path, _file_bytes(plans), private=False)
+        write_atomically(path, _file_bytes(plans), private=False)
     except OSError as error:  # it would name the temporary file
         raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from None
 
@@ -122,7 +122,7 @@ def _file_bytes(plans: Iterable[Plan]) -> bytes:
         indent=1).encode()
 
 
-def _write_atomically(path: Path, data: bytes, *, private: bool) -> None:
+def write_atomically(path: Path, data: bytes, *, private: bool) -> None:
     """Temporary file in the same directory, fsync, rename over `path`; `private` keeps the
     temporary file's owner-only mode."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -337,7 +337,7 @@ class DiskStore:
                 if len(data) > MAX_FILE_BYTES:
                     plans = _pruned(plans, self.path)
                     data = _file_bytes(plans.values())
-                _write_atomically(self.path, data, private=True)
+                write_atomically(self.path, data, private=True)
                 self._seen = _identity(self.path)
                 self._own, self._pending = plans, {}
         except filelock.Timeout:

@@ -251,9 +251,7 @@ class Planner:
                 f"dropout or other random layers, call model.eval() first; to differentiate one random "
                 f"draw anyway, name a strategy, e.g. strategy='sum_rev'"
             )
-        sizes = Sizes(batch=sig.batch, n=problem.n, m=_numel(probes.out_shape),
-                      itemsize=problem.x.element_size(), activations=probes.activations,
-                      create_graph=sig.create_graph)
+        sizes = Sizes.of(problem.x, probes.out_shape, probes.activations, create_graph=sig.create_graph)
         budget = memory.budget_bytes(problem.x.device)
         pool, excluded = candidates(sig.op, sizes, probes, create_graph=sig.create_graph, budget=budget,
                                     problem=problem)
@@ -384,12 +382,6 @@ def _warm_transforms() -> None:
         torch.func.vmap(pullback)(torch.ones(1, 2, 1))
         torch.func.vmap(lambda t: torch.func.jvp(torch.sin, (x,), (t,)))(torch.ones(1, 2, 1))
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
 
 
 _default: Planner | None = None

@@ -46,6 +46,12 @@ class Sizes:
     activations: int  # bytes f saves for backward over the whole batch (measured once)
     create_graph: bool = False  # results must stay differentiable: heuristics order differently
 
+    @classmethod
+    def of(cls, x: Tensor, out_shape: tuple[int, ...], activations: int, create_graph: bool = False) -> Sizes:
+        """The sizes of a batch x (B, *in) whose per-sample output has `out_shape`."""
+        return cls(batch=x.shape[0], n=math.prod(x.shape[1:]), m=math.prod(out_shape), itemsize=x.element_size(),
+                   activations=activations, create_graph=create_graph)
+
     def tensor(self, *dims: int) -> int:
         """Bytes of a tensor with these dimensions in x's dtype."""
         return math.prod(dims) * self.itemsize

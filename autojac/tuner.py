@@ -219,15 +219,10 @@ class _Tuning:
         active = list(self.active)
         while active and self._spent() < self.settings.budget:
             for candidate in list(active):
-                samples = self.samples[candidate.label]
-                try:
-                    _, seconds = timed(self.clock, lambda: self.run(candidate))
-                except Exception as error:  # flaky failure after warm-up: exclude it too
-                    self.excluded[candidate.label] = describe_failure(error)
-                    del self.samples[candidate.label]
+                if not self._time_again(candidate):
                     active.remove(candidate)
                     continue
-                samples.add(seconds)
+                samples = self.samples[candidate.label]
                 enough = len(samples.seconds) >= self.settings.max_repeats or (
                     len(samples.seconds) >= self.settings.min_repeats and samples.total >= share)
                 behind = len(samples.seconds) >= 3 and samples.median > self.settings.drop_factor * self._best()
@@ -249,14 +244,19 @@ class _Tuning:
             if not short or self._spent() + sum(self.samples[c.label].median for c in short) > limit:
                 return
             for candidate in short:
-                try:
-                    _, seconds = timed(self.clock, lambda: self.run(candidate))
-                except Exception as error:  # flaky failure: exclude it, as in the rounds
-                    self.excluded[candidate.label] = describe_failure(error)
-                    del self.samples[candidate.label]
+                if not self._time_again(candidate):
                     finalists.remove(candidate)
-                    continue
-                self.samples[candidate.label].add(seconds)
+
+    def _time_again(self, candidate: Candidate) -> bool:
+        """One more timed call after the warm-up; a failure now (flaky) excludes it. True if timed."""
+        try:
+            _, seconds = timed(self.clock, lambda: self.run(candidate))
+        except Exception as error:
+            self.excluded[candidate.label] = describe_failure(error)
+            del self.samples[candidate.label]
+            return False
+        self.samples[candidate.label].add(seconds)
+        return True
 
     def _winner(self) -> Candidate:
         by_label = {c.label: c for c in self.pool}

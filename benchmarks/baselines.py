@@ -76,8 +76,8 @@ def _hessian_per_sample(f, x, probes: Probes, name: str, finish: Callable[[Tenso
     size = 3 * x.shape[0] * m * n ** 2 * x.element_size()
     # It is vmap_fwd_rev run whole, and its working memory is that strategy's estimate: n m lanes
     # of f's activations (a decoder 8 -> 784 at B=512: 25 GB, which killed the benchmark).
-    sizes = Sizes(batch=x.shape[0], n=n, m=m, itemsize=x.element_size(), activations=probes.activations)
-    working, budget = registry.get("vmap_fwd_rev", "hessian").memory(sizes, None), budget_bytes(x.device)
+    working = registry.get("vmap_fwd_rev", "hessian").memory(Sizes.of(x, probes.out_shape, probes.activations), None)
+    budget = budget_bytes(x.device)
     if not reason and limit is not None and size > limit:
         reason = f"the per-sample Hessians need about {format_bytes(size)}, over {format_bytes(limit)}"
     elif not reason and budget is not None and working > budget:

@@ -90,8 +90,7 @@ def fixed_contenders(op: str, problem: Problem, probes: Probes, settings: Settin
     `settings.coupled_only` also those autojac keeps for batch-coupled f), and the excluded
     ones with the planner's reasons."""
     x = problem.x
-    sizes = Sizes(batch=x.shape[0], n=problem.n, m=math.prod(probes.out_shape), itemsize=x.element_size(),
-                  activations=probes.activations)
+    sizes = Sizes.of(x, probes.out_shape, probes.activations)
     budget = memory.budget_bytes(x.device)
     valid, excluded = candidates(op, sizes, probes, create_graph=False, budget=budget, problem=problem)
     if probes.batch_independent and settings.coupled_only:

@@ -31,6 +31,11 @@ def median(values: list[float]) -> float | None:
     return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
+def dispatch_median(cases: list[CaseResult]) -> float | None:
+    """The median dispatch overhead of a tuned call over the cases where it was measured."""
+    return median([c.dispatch.overhead for c in cases if c.dispatch is not None])
+
+
 def case_name(case: CaseResult) -> str:
     """'mlp-2-64-64-64 B=32' (with the dtype when it is not float32)."""
     dtype = "" if case.dtype == "float32" else f" {case.dtype}"

@@ -24,6 +24,7 @@ import torch
 
 import autojac
 from autojac import config
+from autojac.cache import write_atomically
 from autojac.planner import Planner, set_default_planner
 from autojac.store import MemoryStore
 from autojac.timing import TuneSettings
@@ -149,12 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[CaseResult] = []
 
     def so_far(extra: list[str]) -> Run:
-        overheads = [c.dispatch.overhead for c in results if c.dispatch is not None]
         end_load = load_average()
         return Run(created=created, seconds=time.perf_counter() - started, machine=machine, settings=settings,
                    notes=[*notes, *extra, *_busy_notes(machine, end_load)], cases=results,
                    summaries=report.summaries(results), load_average_end=end_load,
-                   dispatch_overhead_median=report.median(overheads))
+                   dispatch_overhead_median=report.dispatch_median(results))
 
     checkpoint = None
     for i, case in enumerate(cases, 1):
@@ -173,9 +173,7 @@ def _checkpoint(run: Run, out: Path) -> Path:
     """The run so far, as DEVICE-DATE-MODE.partial.json (written atomically); a valid run to merge."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stem(run)}.partial.json"
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(run.model_dump_json(indent=1))
-    os.replace(temporary, path)
+    write_atomically(path, run.model_dump_json(indent=1).encode(), private=False)
     return path
 
 
@@ -237,7 +235,6 @@ def merge(runs: Sequence[Run]) -> Run:
     every_op = all(set(run.settings.ops) == set(first.settings.ops) for run in runs)
     is_full = every_op and set(suites) == set(FULL) and all(settings[key] == value for key, value in full.items())
     cases = [c for run in runs for c in run.cases]
-    overheads = [c.dispatch.overhead for c in cases if c.dispatch is not None]
     # the load notes are judged again, run by run, by the current rule
     notes = list(dict.fromkeys([*(note for run in runs for note in run.notes if not note.startswith(BUSY)),
                                 *_judged_load_notes(runs)]))
@@ -247,7 +244,7 @@ def merge(runs: Sequence[Run]) -> Run:
                    mode="full" if is_full else "custom", suites=suites,
                    ops=list(dict.fromkeys(op for run in runs for op in run.settings.ops)),
                    command=" && ".join(run.settings.command for run in runs))),
-               load_average_end=runs[-1].load_average_end, dispatch_overhead_median=report.median(overheads))
+               load_average_end=runs[-1].load_average_end, dispatch_overhead_median=report.dispatch_median(cases))
 
 
 def stem(run: Run) -> str:

@@ -88,8 +88,7 @@ def fixed_candidates(op: str, f: nn.Module, x: Tensor, v: Tensor, plan: autojac.
     problem = Problem(op, f, x, v if op == "hvp" else None)
     sig = signature(op, f, x)
     probes = default_planner().probes(sig, problem)
-    sizes = Sizes(batch=x.shape[0], n=x.shape[1], m=math.prod(probes.out_shape), itemsize=x.element_size(),
-                  activations=probes.activations)
+    sizes = Sizes.of(x, probes.out_shape, probes.activations)
     pool, _ = candidates(op, sizes, probes, create_graph=create_graph, budget=memory.budget_bytes(x.device),
                          problem=problem)
     chosen: dict[str, int | None] = {}

@@ -117,8 +117,13 @@ def own_sample_rows(outputs: Tensor, x: Tensor, chunk: int | None, create_graph:
     per_sample = flat.numel() // batch if batch else 0
     if per_sample == 0:
         return x.new_zeros(*outputs.shape, *x.shape[1:])
-    samples = torch.arange(flat.numel(), device=x.device) // per_sample
-    return own_sample_gradients(flat, samples, x, chunk, create_graph).reshape(batch, *rest, *x.shape[1:])
+    rows = own_sample_gradients(flat, entry_samples(flat, batch), x, chunk, create_graph)  # (B * R, *in)
+    return rows.reshape(batch, *rest, *x.shape[1:])
+
+
+def entry_samples(flat: Tensor, batch: int) -> Tensor:
+    """The sample each entry of a flattened batch output (B * m,) belongs to: (B * m,)."""
+    return torch.arange(flat.numel(), device=flat.device) // (flat.numel() // batch)
 
 
 def own_sample_gradients(values: Tensor, samples: Tensor, x: Tensor, chunk: int | None,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Problem, Sizes, result_shape
-from .basis import Fn, batched_grad, grad_input, joined, one_hot_rows, own_sample_span, spans, vjp_basis
+from .basis import Fn, batched_grad, entry_samples, grad_input, joined, one_hot_rows, own_sample_span, spans, vjp_basis
 
 OPS_DIAGONAL = frozenset({"hessian_diag", "laplacian"})
 
@@ -98,7 +98,7 @@ def coupled_second_level(p: Problem, chunk: int | None,
         flat, out_shape = y.reshape(-1), tuple(y.shape[1:])
         if flat.numel() == 0 or not flat.requires_grad:
             return None, out_shape
-        samples = torch.arange(flat.numel(), device=x.device) // (flat.numel() // p.batch)
+        samples = entry_samples(flat, p.batch)
         pieces = [second(own_sample_span(flat, samples, x, start, stop, create_graph=True), samples[start:stop], x)
                   for start, stop in spans(flat.numel(), chunk)]
     return joined(pieces), out_shape
