@@ -18,7 +18,8 @@ from helpers import loop_jacobian, mlp
 def main(rank: int, port: int, out_path: str) -> None:
     torch.manual_seed(0)
     model = mlp(8, 4)
-    x, x_known, x_alone, x_early = torch.randn(16, 8), torch.randn(5, 8), torch.randn(7, 8), torch.randn(9, 8)
+    # batch sizes more than 2x apart: none reuses another's plan
+    x, x_known, x_alone, x_early = torch.randn(47, 8), torch.randn(5, 8), torch.randn(11, 8), torch.randn(23, 8)
     report = {"rank": rank}
     if rank == 1:
         autojac.explain(model, x_known)  # this rank has that plan before the group exists

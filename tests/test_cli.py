@@ -194,7 +194,7 @@ def test_bad_arguments_are_usage_errors_on_one_line(capsys, models, argv, fragme
     (["warm", "cli_broken:f", "--input-shape", "4,5"], ["RuntimeError: this module fails on import"]),
     (["import", "{tmp}/missing.json"], ["FileNotFoundError"]),
     (["import", "{tmp}/garbage.json"], ["is not an autojac plan file"]),
-    (["warm", "cli_models:f", "--input-shape", "4,5", "--device", "meta"], ["RuntimeError"]),
+    (["warm", "cli_models:f", "--input-shape", "4,5", "--device", "meta"], ["ValueError", "meta device"]),
 ])
 def test_failures_exit_1_with_one_line(capsys, models, tmp_path, argv, fragments):
     (tmp_path / "garbage.json").write_text("garbage")

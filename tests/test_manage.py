@@ -132,8 +132,8 @@ def test_warm_tunes_now_even_with_tuning_off_and_returns_the_plans(monkeypatch):
     monkeypatch.setenv("AUTOJAC_TUNE", "0")
     f, x = mlp(5, 3), torch.randn(4, 5)
     asked = []
-    real = api.explain
-    monkeypatch.setattr(api, "explain", lambda *a, **k: (asked.append(k["op"]), real(*a, **k))[1])
+    real = api.plan_for
+    monkeypatch.setattr(api, "plan_for", lambda op, *a, **k: (asked.append(op), real(op, *a, **k))[1])
     (plan,) = autojac.warm(f, x)
     assert plan.tuned and plan.timings and asked == ["jacobian"]  # made by the same path as explain
     assert autojac.plans() == [plan]

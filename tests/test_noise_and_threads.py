@@ -81,10 +81,10 @@ def test_different_signatures_tune_independently(monkeypatch):
     monkeypatch.setenv("AUTOJAC_TUNE", "0")
     b_planned = threading.Event()
     f = mlp(5, 3)
-    x_a, x_b = torch.randn(4, 5), torch.randn(6, 5)
+    x_a, x_b = torch.randn(3, 5), torch.randn(6, 5)
 
     def waits_for_b(problem, chunk):
-        if problem.batch == 4:
+        if problem.batch == 3:
             assert b_planned.wait(timeout=30), "tuning of another signature was blocked"
         return registry.get("sum_rev")(problem, chunk)
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from torch import Tensor
 
 from . import config
+from .errors import AutojacError
 from .models import OPS, Plan
 from .planner import default_planner
 from .problem import BatchedFn, Problem, check_f, check_output, check_v, check_x, result_shape
-from .signature import signature
-from .strategies import registry
+from .signature import FnInfo, Signature, describe, signature
+from .strategies.registry import normal_tensor
 
 
 def jacobian(f: BatchedFn, x: Tensor, *, strategy: str = "auto", create_graph: bool = False,
@@ -86,57 +91,103 @@ def explain(f: BatchedFn, x: Tensor, op: str = "jacobian", *, v: Tensor | None =
             create_graph: bool = False, batch_independent: bool | None = None,
             tune: bool | None = None) -> Plan:
     """The plan that `op` ("jacobian", "hessian", "hvp" with its v, "hessian_diag" or "laplacian")
-    uses for f at a batch shaped like x, making it if needed."""
-    problem, sig = _prepare(op, f, x, v, "auto", create_graph, batch_independent, tune)
-    planner = default_planner()
-    plan = planner.cached(sig)
-    tuning = config.tuning_enabled(tune)
-    if plan is None or (tuning and not plan.tuned):
-        plan, _ = planner.plan(sig, problem, tune=tuning)
-    return plan
+    uses for f at a batch shaped like x, making it if needed (a batch size within 2x of a tuned
+    one reuses that plan, untimed: `plan.tuned_batch` says which)."""
+    return plan_for(op, f, x, v=v, create_graph=create_graph, batch_independent=batch_independent, tune=tune)
+
+
+def plan_for(op: str, f: BatchedFn, x: Tensor, *, v: Tensor | None = None, create_graph: bool = False,
+             batch_independent: bool | None = None, tune: bool | None = None, nearby: bool = True) -> Plan:
+    """`explain`; with `nearby` False a plan tuned at another batch size is not reused (warming
+    makes a plan of its own for every batch size it is given)."""
+    with _autograd_available(create_graph):
+        problem, sig, info = _prepare(op, f, _normal(x), _normal(v), "auto", create_graph, batch_independent, tune)
+        planner = default_planner()
+        tuning = config.tuning_enabled(tune)
+        plan = planner.cached(sig, problem)
+        if plan is not None and plan.tuned_batch is not None and not nearby:
+            plan = None
+        if plan is None and nearby:
+            plan = planner.nearby(sig, problem)
+        if plan is None or (tuning and not plan.tuned):
+            plan, _ = planner.plan(sig, problem, tune=tuning, fresh=not nearby)
+        return plan
+
+
+_peek_transform = torch._C._functorch.peek_interpreter_stack
 
 
 def _compute(op: str, f: BatchedFn, x: Tensor, v: Tensor | None, strategy: str, create_graph: bool,
              batch_independent: bool | None, tune: bool | None) -> Tensor:
-    planner = default_planner()
     glance = None
-    if strategy == "auto" and isinstance(x, Tensor):
-        # The hot path: a tuned plan for this f and a call that looks the same (an x like this
-        # one was checked when the plan was made; f's identity state is compared on every call).
-        _check_options(strategy, create_graph, batch_independent, tune)
-        glance = (op, x.shape, x.dtype, x.device, create_graph, batch_independent)
-        hit = planner.shortcut(f, glance)
-        if hit is not None:
-            plan, chosen = hit
-            _check_direction(op, v, x)
-            return chosen(Problem(op, f, x, v, create_graph), plan.chunk)
-    problem, sig = _prepare(op, f, x, v, strategy, create_graph, batch_independent, tune)
-    if x.numel() == 0:
+    if strategy == "auto" and isinstance(x, Tensor) and (create_graph is True or create_graph is False) \
+            and _peek_transform() is None:
+        # The hot path: a plan served to this f for a call that looks the same (an x like this one
+        # was checked when the entry was made; f's guards are checked on every call).
+        glance = (op, x.shape, x.dtype, x.device, x.layout, create_graph, batch_independent, tune)
+        entry = default_planner().serve(f, glance)
+        if entry is not None:
+            if v is not None or op == "hvp":
+                _check_direction(op, v, x)
+            return entry(Problem(op, f, x, v, create_graph))
+    with _autograd_available(create_graph):
+        return _slow(op, f, x, v, strategy, create_graph, batch_independent, tune, glance)
+
+
+def _slow(op: str, f: BatchedFn, x: Tensor, v: Tensor | None, strategy: str, create_graph: bool,
+          batch_independent: bool | None, tune: bool | None, glance: tuple | None) -> Tensor:
+    problem, sig, info = _prepare(op, f, _normal(x), _normal(v), strategy, create_graph, batch_independent, tune)
+    if problem.x.numel() == 0:
         return _empty(problem)
+    planner = default_planner()
     if strategy != "auto":
         chosen, chunk = planner.forced(sig, problem, strategy)
         return chosen(problem, chunk)
-    plan = planner.cached(sig)
-    result = None
-    if plan is None or (not plan.tuned and config.tuning_enabled(tune)):
-        plan, result = planner.plan(sig, problem, tune=config.tuning_enabled(tune))
-    if glance is not None:
-        planner.remember(f, glance, plan)
-    if result is not None:
-        return result
-    return registry.get(plan.strategy, op)(problem, plan.chunk)
+    entry, result = planner.entry(problem, sig, info, tune, glance)
+    return result if result is not None else entry(problem)
 
 
-def _prepare(op: str, f: BatchedFn, x: Tensor, v: Tensor | None, strategy: str, create_graph: bool,
-             batch_independent: bool | None, tune: bool | None):
+@contextlib.contextmanager
+def _autograd_available(create_graph: bool) -> Iterator[None]:
+    """Planning needs autograd, which torch.inference_mode() switches off: plan with it off (the
+    strategies do the same for the calls served afterwards). create_graph=True cannot be honoured
+    there and is refused."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    if create_graph is True:
+        raise ValueError(
+            "create_graph=True cannot be honoured under torch.inference_mode(): tensors made there can never be "
+            "part of a graph. Call autojac outside inference_mode (torch.no_grad() is fine), or pass "
+            "create_graph=False")
+    with torch.inference_mode(False):
+        yield
+
+
+def _normal(value: Tensor | None) -> Tensor | None:
+    """An inference tensor as a normal one (autograd cannot use it); anything else as it is."""
+    return normal_tensor(value) if torch.is_inference_mode_enabled() is False else value
+
+
+def _prepare(op: str, f: BatchedFn, x: Tensor | None, v: Tensor | None, strategy: str, create_graph: bool,
+             batch_independent: bool | None, tune: bool | None) -> tuple[Problem, Signature, FnInfo]:
     if op not in OPS:
         raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
     check_f(f)
     check_x(x)
+    assert isinstance(x, Tensor)
     _check_direction(op, v, x)
     _check_options(strategy, create_graph, batch_independent, tune)
+    if _peek_transform() is not None:
+        raise AutojacError(
+            "autojac cannot run inside a torch.func transform (vmap, grad, jacrev, jvp, ...): it differentiates "
+            "with torch.autograd and times its strategies, which a transform's wrapped tensors do not allow. Call "
+            "autojac outside the transform, or compute the derivative inside it with torch.func itself (for "
+            "per-sample Jacobians: torch.func.vmap(torch.func.jacrev(f_one_sample)))")
+    info = describe(f)
     problem = Problem(op, f, x, v, create_graph)
-    return problem, signature(op, f, x, create_graph=create_graph, batch_independent=batch_independent)
+    return problem, signature(op, f, x, create_graph=create_graph, batch_independent=batch_independent,
+                              info=info), info
 
 
 def _check_direction(op: str, v: Tensor | None, x: Tensor) -> None:

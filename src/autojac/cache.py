@@ -236,6 +236,15 @@ class DiskStore:
             self._own, self._pending = {}, {}
             return count
 
+    def family(self, family: str) -> list[Plan]:
+        """The usable tuned plans of one signature family (plans that differ only in B), each tuned
+        at its own batch size."""
+        with self._lock:
+            self._load()
+            keys = {**self._from_shipped, **self._own}
+            found = [self._best(key) for key, plan in keys.items() if plan.family == family]
+            return [plan for plan in found if plan is not None and plan.tuned and plan.tuned_batch is None]
+
     def stored(self) -> list[Plan]:
         """Every valid plan known, usable here or not (plans of other torch versions, of
         strategies this autojac lacks): what an export carries."""
@@ -354,9 +363,57 @@ class DiskStore:
                   f"to a writable directory to keep them")
 
 
-def default_store() -> DiskStore:
-    """The store for the environment: AUTOJAC_CACHE_DIR (else the user cache dir) and AUTOJAC_PLANS."""
-    return DiskStore(config.cache_dir(), config.shipped_plan_files())
+class EnvironmentStore:
+    """The DiskStore the environment names at each moment: AUTOJAC_CACHE_DIR (else the user cache
+    dir) and AUTOJAC_PLANS, looked up again on every use, so that a test suite's monkeypatch.setenv
+    or a job that changes them within a process is followed by plans(), export, clear and writes."""
+
+    def __init__(self) -> None:
+        self._stores: dict[tuple[Path, tuple[Path, ...]], DiskStore] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> DiskStore:
+        where = (config.cache_dir(), tuple(config.shipped_plan_files()))
+        with self._lock:
+            store = self._stores.get(where)
+            if store is None:
+                store = self._stores[where] = DiskStore(*where)
+            return store
+
+    @property
+    def path(self) -> Path:
+        return self.current.path
+
+    @property
+    def shipped(self) -> tuple[Path, ...]:
+        return self.current.shipped
+
+    def get(self, key: str) -> Plan | None:
+        return self.current.get(key)
+
+    def put(self, plan: Plan) -> None:
+        self.current.put(plan)
+
+    def merge(self, plans: Iterable[Plan]) -> MergeCounts:
+        return self.current.merge(plans)
+
+    def plans(self) -> list[Plan]:
+        return self.current.plans()
+
+    def clear(self) -> int:
+        return self.current.clear()
+
+    def family(self, family: str) -> list[Plan]:
+        return self.current.family(family)
+
+    def stored(self) -> list[Plan]:
+        return self.current.stored()
+
+
+def default_store() -> EnvironmentStore:
+    """The store for the environment at each moment (see EnvironmentStore)."""
+    return EnvironmentStore()
 
 
 def schema_text() -> str:

@@ -152,10 +152,12 @@ def _import(args: argparse.Namespace) -> int:
 
 def _check_stored(otherwise: str) -> None:
     """Fail (exit 1) if the plan cache could not be written: CI must not pass without its plans."""
-    from .cache import DiskStore
+    from .cache import DiskStore, EnvironmentStore
     from .planner import default_planner
 
     store = default_planner().store
+    if isinstance(store, EnvironmentStore):
+        store = store.current
     if isinstance(store, DiskStore) and not store.writable:
         raise OSError(f"could not write the plan cache in {store.directory}; {otherwise} "
                       f"(set AUTOJAC_CACHE_DIR to a writable directory)")

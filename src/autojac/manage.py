@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import api, config
-from .cache import DiskStore, read_plan_file, unusable_reason, write_plan_file
+from .cache import DiskStore, EnvironmentStore, read_plan_file, unusable_reason, write_plan_file
 from .models import Plan
 from .planner import default_planner
 from .problem import BatchedFn
@@ -55,6 +55,8 @@ def cache_path() -> Path | None:
     """The user cache file (which may not exist yet); None when the planner keeps plans only
     in memory (a store other than the disk cache)."""
     store = default_planner().store
+    if isinstance(store, EnvironmentStore):
+        store = store.current
     return store.path if isinstance(store, DiskStore) else None
 
 
@@ -79,7 +81,7 @@ def stored_plans() -> list[Plan]:
     """Every valid plan the store holds, usable here or not (other torch versions, strategies
     this autojac lacks): what an export carries."""
     store = default_planner().store
-    return store.stored() if isinstance(store, DiskStore) else store.plans()
+    return store.stored() if isinstance(store, (DiskStore, EnvironmentStore)) else store.plans()
 
 
 def import_plans(path: str | os.PathLike[str]) -> ImportCounts:
@@ -122,7 +124,7 @@ def warm(f: BatchedFn, x: Tensor, ops: Sequence[str] = ("jacobian",), **kwargs: 
     with config.warming():
         for op in ops:
             extra = {"v": torch.randn_like(x)} if op == "hvp" and kwargs.get("v") is None else {}
-            made.append(api.explain(f, x, op=op, **kwargs, **extra))
+            made.append(api.plan_for(op, f, x, **kwargs, **extra, nearby=False))
     return made
 
 

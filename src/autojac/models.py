@@ -14,7 +14,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 OPS = ("jacobian", "hessian", "hvp", "hessian_diag", "laplacian")
 FILE_FORMAT = "autojac-plans"
 # Bumped whenever Plan or PlanFile change incompatibly; part of every cache key and file name.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Bounds keep a crafted file from smuggling in values that break arithmetic (inf, 10**400).
 Seconds = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
@@ -84,6 +84,14 @@ class Plan(BaseModel):
     device: str = Field(description="Device type of x: 'cpu', 'cuda', ...")
     device_name: str = Field(description="Model name of the device, e.g. the GPU's or the CPU's.")
     create_graph: bool = Field(default=False, description="Whether results are differentiable.")
+    call: str = Field(default="", description="How f is called beyond f(x): extra arguments' structure, "
+                                               "several inputs, chosen coordinates, auxiliary outputs.")
+    tuned_batch: Size | None = Field(
+        default=None, description="The batch size the plan was tuned at, when it is reused for another "
+                                  "within a factor of 2 (not timed at this one).")
+    activations: Size = Field(default=0, description="Bytes f saves for backward over the whole batch.")
+    family: str = Field(default="", pattern=r"^([0-9a-f]{32})?$",
+                        description="Hash of the signature without the batch size: plans of one family differ in B.")
     fn_name: str = Field(description="Readable name of f (its qualified name or class).")
     fingerprint: str = Field(description="Hash of f's code and structure (not its weights).")
     torch_version: str = Field(description="torch.__version__ that made the plan.")

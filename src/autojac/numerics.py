@@ -10,11 +10,26 @@ from torch import Tensor
 # Relative tolerance, applied to the largest finite magnitude of the reference: strategies sum
 # in different orders, so they differ by a few ulps of the largest entries, not of each entry.
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+# Second derivatives are sums of products of first ones and cancel more (a hard-constrained PINN's
+# Laplacian in float32 at B=2048: strategies differ by 1.8e-4 of its largest entry).
+SECOND_ORDER_FACTOR = 10.0
 
 
-def tolerance(dtype: torch.dtype) -> float:
-    """Relative tolerance for results of this dtype (float32 if unknown)."""
-    return _TOLERANCE.get(dtype, 1e-4)
+def tolerance(dtype: torch.dtype, order: int = 1) -> float:
+    """Relative tolerance for results computed in this dtype (float32 if unknown), of derivatives of
+    this order."""
+    return _TOLERANCE.get(dtype, 1e-4) * (SECOND_ORDER_FACTOR if order > 1 else 1.0)
+
+
+def computation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The least precise of the floating dtypes a result went through (x's, f's output's, autocast's):
+    a float64 x fed to a float32 model is only as exact as float32."""
+    floating = [d for d in dtypes if d.is_floating_point]
+    if torch.is_autocast_enabled("cpu"):
+        floating.append(torch.get_autocast_dtype("cpu"))
+    if torch.cuda.is_available() and torch.is_autocast_enabled("cuda"):
+        floating.append(torch.get_autocast_dtype("cuda"))
+    return max(floating, key=lambda d: _TOLERANCE.get(d, 1e-4)) if floating else torch.float32
 
 
 def max_difference(a: Tensor, b: Tensor) -> float:
@@ -49,12 +64,13 @@ def finite_abs_max(b: Tensor) -> float:
     return float(finite.abs().max()) if finite.numel() else 0.0
 
 
-def agree(a: Tensor, b: Tensor) -> tuple[bool, float, float]:
+def agree(a: Tensor, b: Tensor, dtype: torch.dtype | None = None, order: int = 1) -> tuple[bool, float, float]:
     """Whether a matches the reference b: (ok, max difference, allowed difference).
 
     NaN positions must match, infinities must match with sign, and finite values must be
-    within the dtype's tolerance of the reference's largest finite magnitude.
+    within the tolerance of `dtype` (the dtype the results were computed in; b's by default) and
+    of derivatives of `order`, relative to the reference's largest finite magnitude.
     """
     diff = max_difference(a, b)
-    allowed = tolerance(b.dtype) * finite_abs_max(b) + torch.finfo(b.dtype).tiny
+    allowed = tolerance(b.dtype if dtype is None else dtype, order) * finite_abs_max(b) + torch.finfo(b.dtype).tiny
     return diff <= allowed, diff, allowed

@@ -1,43 +1,60 @@
-"""The planner: which strategies apply, in what order to try them, and which one wins.
+"""The planner: which strategies apply, in what order to try them, which one wins, and serving it.
 
-Plans are memoized per signature in memory (the hot path is one dict lookup) and kept in
-a `PlanStore` (by default the disk cache of cache.py), which is asked only on a miss. On a
-miss the planner probes f once, lists the candidates that are valid for it and fit in
-memory, and then either tunes (times them, cross-checks their results) or, with tuning off,
-takes the first candidate in the heuristic order that runs. With AUTOJAC_REQUIRE_PLAN=1 a
-miss is an error instead.
+Plans are memoized per signature in memory and kept in a `PlanStore` (by default the disk cache
+of cache.py), which is asked only on a miss. On a miss the planner first looks for a tuned plan
+of the same signature at a batch size within a factor of 2 (no timing: a new DataLoader batch
+size costs a lookup); else it probes f once, lists the candidates that are valid for it and fit
+in memory, and either tunes (times them, cross-checks their results) or, with tuning off, takes
+the first candidate in the heuristic order that runs. With AUTOJAC_REQUIRE_PLAN=1 a miss is an
+error instead.
+
+A plan is served to an f through an `Entry`, kept weakly per f and per what a call looks like at
+a glance (operation, x's shape, dtype, device, layout, options): the hot path is a dict lookup,
+the guards of f's description (signature.Guards) and the strategy. Whether a plan may be served
+at all is trust.py's to say: a plan this process did not tune is cross-checked once, and batch
+independence is re-checked at spaced calls.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from . import cache, config, distributed, memory
+from . import cache, config, distributed, memory, trust
 from ._version import __version__
+from .buffers import BufferSnapshot, preserved_buffers
 from .errors import AutojacWarning, NoCandidateError, NonDeterministicError, PlanRequiredError
 from .models import Plan, candidate_label, parse_label
-from .probes import Probes, run_probes
+from .numerics import computation_dtype
+from .probes import Probes, quick_coupling, run_probes
 from .problem import BatchedFn, Problem, Sizes
-from .signature import Signature, describe, identity_state, weak_slot
+from .signature import FnInfo, Signature, describe, weak_slot
 from .store import MemoryStore, PlanStore
 from .strategies import registry
-from .strategies.registry import BATCH_INDEPENDENT, VMAP, Strategy
+from .strategies.registry import BATCH_INDEPENDENT, VMAP, Strategy, normal_tensor
 from .timing import Clock, TuneSettings, clock_for
 from .tuner import Candidate, caller_stacklevel, choose
 
 log = logging.getLogger("autojac")
+
+# A tuned plan serves another batch size of the same signature within this factor, untimed.
+BATCH_REUSE_FACTOR = 2.0
+# The cost model: a candidate whose work (passes over f) is this many times the least, and whose
+# passes move more than PRUNE_ABOVE_BYTES of activations (so that their cost is compute, not
+# per-call overhead, which the model does not see), cannot win and is not timed.
+PRUNE_FACTOR = 8.0
+PRUNE_ABOVE_BYTES = 16 * 2**20
 
 
 def heuristic_order(op: str, sizes: Sizes) -> list[str]:
@@ -54,8 +71,9 @@ def candidates(op: str, sizes: Sizes, probes: Probes, *, create_graph: bool, bud
     strategies = sorted(registry.for_op(op), key=lambda s: order.index(s.name))
     valid: list[Candidate] = []
     excluded: dict[str, str] = {}
+    least = _least_work(strategies, sizes, probes, create_graph, problem)
     for rank, strategy in enumerate(strategies):
-        reason = _invalid_reason(strategy, probes, create_graph, problem)
+        reason = _invalid_reason(strategy, probes, create_graph, problem) or _beyond_reach(strategy, sizes, least)
         for chunk in strategy.chunk_options(sizes):
             label = candidate_label(strategy.name, chunk)
             estimate = strategy.memory(sizes, chunk)
@@ -67,6 +85,25 @@ def candidates(op: str, sizes: Sizes, probes: Probes, *, create_graph: bool, bud
             else:
                 valid.append(Candidate(strategy, chunk, estimate, rank))
     return valid, excluded
+
+
+def _least_work(strategies: list[Strategy], sizes: Sizes, probes: Probes, create_graph: bool,
+                problem: Problem | None) -> float | None:
+    """The least work (strategy.work) of the strategies valid for f, None if none estimates it."""
+    estimates = [s.work(sizes) for s in strategies
+                 if s.work is not None and not _invalid_reason(s, probes, create_graph, problem)]
+    return min(estimates) if estimates else None
+
+
+def _beyond_reach(strategy: Strategy, sizes: Sizes, least: float | None) -> str:
+    """Why a strategy cannot win by the cost model (its passes over f against the least), or ""."""
+    if strategy.work is None or least is None:
+        return ""
+    work = strategy.work(sizes)
+    if work <= PRUNE_FACTOR * least or work * sizes.activations <= PRUNE_ABOVE_BYTES:
+        return ""
+    return (f"not timed: it makes {work:g} passes' worth of vector products over f where another makes "
+            f"{least:g} (cost model: over {PRUNE_FACTOR:g}x cannot win)")
 
 
 def _invalid_reason(strategy: Strategy, probes: Probes, create_graph: bool, problem: Problem | None = None) -> str:
@@ -93,29 +130,7 @@ def _memory_hint(reasons: dict[str, str], batch: int) -> str:
             f"pieces (torch.split(x, {piece})) and concatenate the results with torch.cat")
 
 
-class BufferSnapshot:
-    """Every buffer of some modules (BatchNorm's running statistics, say) as it was when taken."""
-
-    def __init__(self, modules: Sequence[nn.Module]):
-        self.saved = [(b, b.detach().clone()) for m in modules for b in m.buffers(recurse=False)]
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for buffer, copy in self.saved:
-                buffer.copy_(copy)
-
-
-@contextlib.contextmanager
-def preserved_buffers(modules: Sequence[nn.Module]) -> Iterator[BufferSnapshot]:
-    """Restore every buffer after the block has run f (probes, tuning)."""
-    snapshot = BufferSnapshot(modules)
-    try:
-        yield snapshot
-    finally:
-        snapshot.restore()
-
-
-def check_devices(modules: Sequence[nn.Module], x: Tensor) -> None:
+def check_devices(modules: list[nn.Module], x: Tensor) -> None:
     """Refuse an f whose parameters live on another device than x, naming both."""
     for module in modules:
         for name, parameter in module.named_parameters(recurse=False):
@@ -127,6 +142,33 @@ def check_devices(modules: Sequence[nn.Module], x: Tensor) -> None:
                 )
 
 
+class Entry:
+    """A plan served to one f for the calls that look alike (see the module docstring)."""
+
+    __slots__ = ("plan", "strategy", "chunk", "guards", "calls", "next_check", "sig", "info", "planner", "__weakref__")
+
+    def __init__(self, planner: Planner, sig: Signature, info: FnInfo, plan: Plan) -> None:
+        self.planner, self.sig, self.info = planner, sig, info
+        self.guards = info.guards
+        self.calls = 0
+        self.rebind(plan)
+
+    def rebind(self, plan: Plan) -> None:
+        """Serve `plan` from now on (a plan made again after a check failed)."""
+        self.plan = plan
+        self.strategy = registry.get(plan.strategy, plan.op)
+        self.chunk = plan.chunk
+        # nothing to re-check where the caller asserted batch_independent, or f is coupled already
+        watched = self.sig.batch_independent is None and plan.batch_independent
+        self.next_check = trust.next_check(self.calls) if watched else math.inf
+
+    def __call__(self, problem: Problem) -> Tensor:
+        self.calls += 1
+        if self.calls >= self.next_check:
+            return self.planner.recheck(self, problem)
+        return self.strategy(problem, self.chunk)
+
+
 class Planner:
     """Plans per signature: memoized, stored, made on a miss; one tuning per signature at a time."""
 
@@ -134,15 +176,59 @@ class Planner:
         self.store: PlanStore = store if store is not None else MemoryStore()
         self.clock = clock
         self._hot: dict[Signature, Plan] = {}
-        # The hot path's shortcut to tuned plans, by f (weakly) and by what the call shows at a
-        # glance; an entry serves only while f's identity state is as it was (see `shortcut`).
-        self._shortcuts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._families: dict[str, dict[int, Plan]] = {}  # Signature.family -> batch size -> tuned plan
+        self._trusted: set[str] = set()  # keys whose plans were tuned or cross-checked in this process
+        self._entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # f -> {(name, glance): Entry}
         self._probes: dict[Signature, Probes] = {}
         self._locks: dict[Signature, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._generator = torch.Generator().manual_seed(0x5EED)
 
-    def cached(self, sig: Signature) -> Plan | None:
-        """The plan for sig from memory, else from the store; None on a miss."""
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def serve(self, f: BatchedFn, glance: tuple) -> Entry | None:
+        """The entry remembered for f and calls that look like `glance`, if f's description still
+        holds (nothing it was made from was rebound); None: take the slow path (`entry`)."""
+        slot, name = weak_slot(f, self._entries, make=False)
+        entry = slot.get((name, glance)) if slot is not None else None
+        if entry is None or not entry.guards.hold():
+            return None
+        if entry.plan.tuned is False and glance[-1] is None and config.tuning_enabled(None):
+            return None  # a heuristic plan, and tuning was switched on since
+        if distributed.group_started():  # a plan made before the group existed must reach it too
+            distributed.publish(entry.plan)
+        return entry
+
+    # -- the slow path --------------------------------------------------------------------------
+
+    def entry(self, problem: Problem, sig: Signature, info: FnInfo, tune: bool | None,
+              glance: tuple | None = None) -> tuple[Entry, Tensor | None]:
+        """The entry serving this call (made, found by batch size, or read; checked if this process
+        did not tune it), remembered for `glance`; and the result when making the plan computed it."""
+        tuning = config.tuning_enabled(tune)
+        plan = self.cached(sig, problem)
+        result, made = None, False
+        if plan is None:
+            plan = self.nearby(sig, problem)
+        if plan is None or (not plan.tuned and tuning):
+            plan, result = self.plan(sig, problem, tune=tuning)
+            made = True
+        entry = Entry(self, sig, info, plan)
+        if sig.key not in self._trusted:
+            checked = self._cross_checked(entry, problem, tuning)
+            if checked is not entry:  # the plan changed: its result must come from the new plan
+                entry, result = checked, None
+        elif not made and info.holds_tensors and entry.next_check < math.inf:
+            entry.next_check = 1  # f may hold other tensors than the f the plan was made for: check now
+        if glance is not None:
+            slot, name = weak_slot(problem_f(problem), self._entries, make=True)
+            if slot is not None:
+                slot[(name, glance)] = entry
+        return entry, result
+
+    def cached(self, sig: Signature, problem: Problem | None = None) -> Plan | None:
+        """The plan for sig from memory, else from the store (if its strategy still serves the
+        problem); None on a miss."""
         plan = self._hot.get(sig)
         if plan is not None:
             if distributed.group_started():  # a plan made before the group existed must reach it too
@@ -153,41 +239,22 @@ class Planner:
                 log.warning("ignoring the stored plan %s: it does not describe %s of %s [B=%d in=%s %s %s]",
                             sig.key, sig.op, sig.fn_name, sig.batch, sig.in_shape, sig.dtype, sig.device)
                 plan = None
+            if plan is not None and _unsuitable(plan, sig, problem):
+                plan = None
             if plan is not None:
-                self._hot[sig] = plan
+                self._memoize(sig, plan)
                 distributed.publish(plan)
         return plan
 
-    def shortcut(self, f: BatchedFn, glance: tuple) -> tuple[Plan, Strategy] | None:
-        """The tuned plan remembered for f and this `glance` (operation, x's shape, dtype and
-        device, options) and its strategy, if nothing f reads was rebound since: the hot path
-        without building the signature. None on a miss: the caller takes `cached`/`plan`."""
-        slot, name = weak_slot(f, self._shortcuts, make=False)
-        found = slot.get((name, glance)) if slot is not None else None
-        if found is None or found[0] != identity_state(f):
-            return None
-        if distributed.group_started():  # as in `cached`: a plan made before the group must reach it
-            distributed.publish(found[1])
-        return found[1], found[2]
-
-    def remember(self, f: BatchedFn, glance: tuple, plan: Plan) -> None:
-        """Let `shortcut` serve a tuned plan for f and `glance` from now on."""
-        if plan.tuned:
-            slot, name = weak_slot(f, self._shortcuts, make=True)
-            if slot is not None:
-                slot[(name, glance)] = (identity_state(f), plan, registry.get(plan.strategy, plan.op))
-
-    def forget(self) -> None:
-        """Drop every memoized plan and probe (the store is left alone)."""
-        self._hot.clear()
-        self._probes.clear()
-        self._shortcuts = weakref.WeakKeyDictionary()
-
-    def plan(self, sig: Signature, problem: Problem, *, tune: bool,
-             settings: TuneSettings | None = None) -> tuple[Plan, Tensor | None]:
-        """Make (or wait for) the plan for sig; also the result when the planning computed it."""
+    def plan(self, sig: Signature, problem: Problem, *, tune: bool, settings: TuneSettings | None = None,
+             exclude: dict[str, str] | None = None, fresh: bool = False) -> tuple[Plan, Tensor | None]:
+        """Make (or wait for) the plan for sig; also the result when the planning computed it. With
+        `exclude` (labels -> reasons) those candidates are left out; with `fresh` a plan reused from
+        another batch size does not count as made."""
         with self._lock_for(sig):
-            plan = self.cached(sig)
+            plan = self.cached(sig, problem) if not exclude else None
+            if plan is not None and fresh and plan.tuned_batch is not None:
+                plan = None
             follower = distributed.is_follower()
             required = config.plan_required()
             if plan is not None and (plan.tuned or not tune or follower or required):
@@ -197,12 +264,12 @@ class Planner:
             if follower:  # rank 0 decides; only when it cannot be heard from does this rank choose
                 plan, why = distributed.fetch(sig.key, sig.op)
                 if plan is not None:
-                    self._hot[sig] = plan
+                    self._memoize(sig, plan)
                     return plan, None
                 warnings.warn(f"autojac: {why}; using the heuristic choice for {sig.op} of {sig.fn_name}",
                               AutojacWarning, stacklevel=caller_stacklevel())
                 return self._make(sig, problem, False, settings or TuneSettings.from_env(), persist=False)
-            plan, result = self._make(sig, problem, tune, settings or TuneSettings.from_env())
+            plan, result = self._make(sig, problem, tune, settings or TuneSettings.from_env(), exclude=exclude)
             distributed.publish(plan)
             return plan, result
 
@@ -211,7 +278,7 @@ class Planner:
         key = dataclasses.replace(sig, op="", create_graph=False)
         found = self._probes.get(key)
         if found is None:
-            modules = describe(problem.f).modules()
+            modules = describe(problem_f(problem)).modules()
             check_devices(modules, problem.x)
             with preserved_buffers(modules):
                 found = run_probes(problem.f, problem.x, sig.batch_independent)
@@ -222,6 +289,7 @@ class Planner:
         """The strategy the caller named, checked against what the probes found."""
         name, chunk = parse_label(label)
         strategy = registry.get(name, problem.op)
+        registry.check_chunk(strategy, chunk, label)
         probes = self.probes(sig, problem)
         reason = _invalid_reason(strategy, probes, problem.create_graph, problem)
         if reason and not reason.startswith("not timed"):
@@ -232,12 +300,113 @@ class Planner:
             raise ValueError(f"strategy {label!r} cannot be used for this f: it {reason}{hint}")
         return strategy, chunk
 
+    def recheck(self, entry: Entry, problem: Problem) -> Tensor:
+        """A scheduled re-check of batch independence (trust.py) before serving the call; if f mixes
+        samples now, its plan is made again (probed afresh) and the call gets the new plan's answer."""
+        entry.next_check = trust.next_check(entry.calls)
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return self.recheck(entry, problem.replace(x=normal_tensor(problem.x), v=normal_tensor(problem.v)))
+        with preserved_buffers(entry.info.modules()):
+            why = quick_coupling(problem.f, problem.x, self._generator)
+        if not why:
+            return entry.strategy(problem, entry.chunk)
+        warnings.warn(f"autojac: {entry.sig.op} of {entry.sig.fn_name} mixes samples now ({why}), which its "
+                      f"plan ({entry.plan.label}) assumed it did not; made a new plan for it",
+                      AutojacWarning, stacklevel=caller_stacklevel())
+        self.invalidate(entry.sig)
+        plan, result = self.plan(entry.sig, problem, tune=config.tuning_enabled(None))
+        entry.rebind(plan)
+        return result if result is not None else entry.strategy(problem, entry.chunk)
+
+    def invalidate(self, sig: Signature) -> None:
+        """Forget what was learnt about sig's f: its probes and its plans at every batch size."""
+        probe_key = dataclasses.replace(sig, op="", create_graph=False)
+        self._probes.pop(probe_key, None)
+        for known in [s for s in self._hot if s.family == sig.family or
+                      dataclasses.replace(s, op="", create_graph=False) == probe_key]:
+            self._hot.pop(known, None)
+            self._trusted.discard(known.key)
+        self._families.pop(sig.family, None)
+
+    def forget(self) -> None:
+        """Drop every memoized plan, probe and entry (the store is left alone)."""
+        self._hot.clear()
+        self._families.clear()
+        self._probes.clear()
+        self._trusted.clear()
+        self._entries = weakref.WeakKeyDictionary()
+
+    # -- making plans ---------------------------------------------------------------------------
+
+    def _memoize(self, sig: Signature, plan: Plan) -> None:
+        self._hot[sig] = plan
+        if plan.tuned and plan.tuned_batch is None:
+            self._families.setdefault(sig.family, {})[sig.batch] = plan
+
+    def nearby(self, sig: Signature, problem: Problem) -> Plan | None:
+        """A tuned plan of the same signature at the nearest batch size within BATCH_REUSE_FACTOR,
+        made for this batch size without timing if its strategy fits in memory here; else None."""
+        known = dict(self._families.get(sig.family, {}))
+        if isinstance(self.store, (cache.DiskStore, cache.EnvironmentStore)):
+            for plan in self.store.family(sig.family):
+                known.setdefault(plan.batch_size, plan)
+        nearby = [(abs(math.log(b / sig.batch)), b) for b in known
+                  if b > 0 and sig.batch > 0 and abs(math.log(b / sig.batch)) <= math.log(BATCH_REUSE_FACTOR)]
+        if not nearby:
+            return None
+        source = known[min(nearby)[1]]
+        if _unsuitable(source, sig, problem):
+            return None
+        strategy = registry.get(source.strategy, sig.op)
+        scale = sig.batch / source.batch_size
+        sizes = Sizes(batch=sig.batch, n=math.prod(sig.in_shape), m=math.prod(source.out_shape),
+                      itemsize=problem.x.element_size(), activations=int(source.activations * scale),
+                      create_graph=sig.create_graph)
+        budget = memory.budget_bytes(problem.x.device)
+        estimate = strategy.memory(sizes, source.chunk)
+        if budget is not None and estimate > budget:
+            return None
+        plan = source.model_copy(update=dict(
+            key=sig.key, batch_size=sig.batch, tuned_batch=source.batch_size, tuning_seconds=0.0,
+            memory={source.label: estimate}, family=sig.family,
+            created=datetime_now()))
+        self._memoize(sig, plan)
+        if source.key in self._trusted:
+            self._trusted.add(sig.key)
+        log.info("reusing the plan of %s of %s tuned at B=%d for B=%d: %s", sig.op, sig.fn_name,
+                 source.batch_size, sig.batch, plan.label)
+        return plan
+
+    def _cross_checked(self, entry: Entry, problem: Problem, tuning: bool) -> Entry:
+        """Cross-check the entry's plan once against an independent strategy (trust.py); if they
+        disagree, serve the reference (or tune again without the failing strategy) and warn."""
+        sig, plan = entry.sig, entry.plan
+        dtype = computation_dtype(*trust.computation_dtypes(entry.info.modules(), problem.x))
+        with preserved_buffers(entry.info.modules()):
+            reference, why = trust.cross_check(_detached(problem), entry.strategy, entry.chunk, dtype)
+        self._trusted.add(sig.key)
+        if not why:
+            return entry
+        warnings.warn(trust.disagreement_warning(plan.label, sig.op, sig.fn_name, reference, why),
+                      AutojacWarning, stacklevel=caller_stacklevel())
+        excluded = {**plan.excluded, plan.label: f"excluded: {why} (cross-check)"}
+        self._hot.pop(sig, None)
+        if tuning:
+            plan, _ = self.plan(sig, problem, tune=True, exclude={plan.label: excluded[plan.label]})
+        else:
+            plan = plan.model_copy(update=dict(strategy=reference, chunk=None, excluded=excluded,
+                                               timings={}, spread={}, created=datetime_now()))
+            self._memoize(sig, plan)
+            self.store.put(plan)
+        return Entry(self, sig, entry.info, plan)
+
     def _lock_for(self, sig: Signature) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(sig, threading.Lock())
 
     def _make(self, sig: Signature, problem: Problem, tune: bool, settings: TuneSettings,
-              persist: bool = True) -> tuple[Plan, Tensor | None]:
+              persist: bool = True, exclude: dict[str, str] | None = None) -> tuple[Plan, Tensor | None]:
         if tune:
             _warm_transforms()
         clock = self.clock(problem.x.device)
@@ -255,26 +424,36 @@ class Planner:
         budget = memory.budget_bytes(problem.x.device)
         pool, excluded = candidates(sig.op, sizes, probes, create_graph=sig.create_graph, budget=budget,
                                     problem=problem)
+        if exclude:
+            pool = [c for c in pool if c.label not in exclude]
+            excluded.update(exclude)
         if not pool:
             raise NoCandidateError(sig.op, excluded, _memory_hint(excluded, sig.batch))
+        modules = describe(problem_f(problem)).modules()
+        # Tuning runs candidates on a detached x, so that its backward passes never reach into the
+        # caller's graph; the caller's call then runs the winner on the caller's x.
+        trial = _detached(problem) if tune else problem
         backward = _BackwardPass() if tune and sig.create_graph else None
         # Tuning runs f many times and leaves its buffers as they were; then the caller's call
         # runs the winner once. Without tuning, the winner's one run is the caller's call: each
         # attempt starts from the buffers as they were, and the winner's update stays.
-        buffers = BufferSnapshot(describe(problem.f).modules())
+        buffers = BufferSnapshot(modules)
 
         def run(candidate: Candidate) -> Tensor:
             if not tune:
                 buffers.restore()
-            result = candidate.strategy(problem, candidate.chunk)
+            result = candidate.strategy(trial, candidate.chunk)
             if backward is not None:  # with create_graph the user pays for a backward pass too
                 backward(result)
             return result
 
+        dtype = computation_dtype(probes.out_dtype, *trust.computation_dtypes(modules, problem.x))
+        references = {candidate_label(name, None) for name in trust.REFERENCES.get(sig.op, ())}
         kept = False
         try:
             outcome = choose(pool, run, clock=clock, settings=settings, tune=tune, started=started,
-                             chunk_first_above=memory.chunk_first_above(problem.x.device))
+                             chunk_first_above=memory.chunk_first_above(problem.x.device),
+                             dtype=dtype, order=1 if sig.op == "jacobian" else 2, references=references)
             kept = not tune
         except NoCandidateError as error:
             reasons = {**excluded, **error.reasons}
@@ -294,9 +473,12 @@ class Planner:
             out_shape=probes.out_shape, dtype=sig.dtype, device=sig.device, device_name=sig.device_name,
             create_graph=sig.create_graph, fn_name=sig.fn_name, fingerprint=sig.fingerprint,
             torch_version=sig.torch_version, autojac_version=__version__, threads=torch.get_num_threads(),
-            tuning_seconds=time.perf_counter() - wall,
+            tuning_seconds=time.perf_counter() - wall, activations=probes.activations, family=sig.family,
+            call=sig.call,
         )
-        self._hot[sig] = plan
+        self._memoize(sig, plan)
+        if tune:
+            self._trusted.add(sig.key)  # tuning cross-checked every candidate against the references
         if persist:
             self.store.put(plan)
         if tune:
@@ -306,6 +488,41 @@ class Planner:
         else:
             log.info("chose %s for %s of %s by heuristic (tuning off)", plan.label, sig.op, sig.fn_name)
         return plan, outcome.result
+
+
+def problem_f(problem: Problem) -> BatchedFn:
+    """The f the caller passed (before extra arguments were bound)."""
+    return problem.base if problem.base is not None else problem.f
+
+
+def _detached(problem: Problem) -> Problem:
+    """The call on an x cut from the caller's graph (a leaf that requires grad where x did), so
+    that backward passes run for autojac's own purposes cannot free or reach into that graph."""
+    x = problem.x
+    if not x.requires_grad:
+        return problem
+    return problem.replace(x=x.detach().requires_grad_(True))
+
+
+def datetime_now():  # noqa: ANN201 - a datetime, as Plan.created wants
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
+
+
+def _unsuitable(plan: Plan, sig: Signature, problem: Problem | None) -> bool:
+    """A stored plan whose strategy does not serve this call any more (it does not apply to f, a
+    newer autojac removed it): skipped with a warning, and the call plans again."""
+    reason = cache.unusable_reason(plan)
+    if not reason and problem is not None:
+        applies = registry.get(plan.strategy, plan.op).applies
+        why = applies(problem) if applies is not None else ""
+        reason = f"its strategy {plan.strategy} does not apply to this f: {why}" if why else ""
+    if not reason:
+        return False
+    warnings.warn(f"autojac: the stored plan for {sig.op} of {sig.fn_name} cannot be used ({reason}); "
+                  f"making a new one", AutojacWarning, stacklevel=caller_stacklevel())
+    return True
 
 
 def _describes(plan: Plan, sig: Signature) -> bool:
@@ -320,10 +537,12 @@ def _describes(plan: Plan, sig: Signature) -> bool:
 def _missing_plan_message(sig: Signature, store: PlanStore) -> str:
     shape = ",".join(str(size) for size in (sig.batch, *sig.in_shape))
     where = []
-    if isinstance(store, cache.DiskStore):
-        where.append(str(store.path))
-        if store.shipped:
-            where.append(f"AUTOJAC_PLANS={os.pathsep.join(map(str, store.shipped))}")
+    path = getattr(store, "path", None)
+    if path is not None:
+        where.append(str(path))
+        shipped = getattr(store, "shipped", ())
+        if shipped:
+            where.append(f"AUTOJAC_PLANS={os.pathsep.join(map(str, shipped))}")
     graph = ", create_graph=True" if sig.create_graph else ""
     # the modules' training flags are part of the key: the plan must be made in the same mode
     flag = " --eval" if sig.training and not any(sig.training) else ""
@@ -342,7 +561,9 @@ def _missing_plan_message(sig: Signature, store: PlanStore) -> str:
 
 class _BackwardPass:
     """A backward pass of a scalar loss through a result, into the leaves its graph reaches (found
-    once, on the first untimed call), without touching anyone's .grad."""
+    once, on the first untimed call), without touching anyone's .grad. The graph is kept: parts of
+    it may be the caller's (parameters adapted inside a graph, as in MAML), which a backward pass
+    of autojac's own must not free."""
 
     def __init__(self) -> None:
         self.leaves: list[Tensor] | None = None
@@ -353,7 +574,7 @@ class _BackwardPass:
         if self.leaves is None:
             self.leaves = _graph_leaves(result)
         if self.leaves:
-            torch.autograd.grad(result.sum(), self.leaves, allow_unused=True)
+            torch.autograd.grad(result.sum(), self.leaves, allow_unused=True, retain_graph=True)
 
 
 def _graph_leaves(result: Tensor) -> list[Tensor]:
@@ -381,7 +602,6 @@ def _warm_transforms() -> None:
         _, pullback = torch.func.vjp(torch.sin, x)
         torch.func.vmap(pullback)(torch.ones(1, 2, 1))
         torch.func.vmap(lambda t: torch.func.jvp(torch.sin, (x,), (t,)))(torch.ones(1, 2, 1))
-
 
 
 _default: Planner | None = None

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ class Probes:
     vmap_ok: bool
     deterministic: bool
     activations: int  # bytes saved for backward by one forward of the whole batch
+    out_dtype: torch.dtype = torch.float32  # f's output dtype (a float32 model fed float64 gives float32)
     coupling: str = ""  # why f is not batch-independent, when it is not
     vmap_error: str = ""  # why vmap failed, when it did
     nondeterminism: str = ""  # how two calls differed, when they did
@@ -61,7 +63,7 @@ def run_probes(f: BatchedFn, x: Tensor, batch_independent: bool | None = None) -
     vmap_error = _vmap_error(f, copy, y.detach())
     return Probes(
         out_shape=out_shape, batch_independent=independent, vmap_ok=not vmap_error,
-        deterministic=same, activations=saved.total, coupling=coupling, vmap_error=vmap_error,
+        deterministic=same, activations=saved.total, out_dtype=y.dtype, coupling=coupling, vmap_error=vmap_error,
         nondeterminism=nondeterminism,
     )
 
@@ -136,16 +138,70 @@ def _coupling(y: Tensor, xg: Tensor) -> str:
         scaled = _pullback(y, xg, seed * _per_sample(factor, y))
         expected = base * _per_sample(factor, base)
         differs = (scaled != expected) & (scaled.isfinite() | expected.isfinite())
-        for sample in differs.reshape(batch, -1).any(dim=1).nonzero().flatten().tolist():
-            others = finite & (factor != factor[sample])
-            grad = _pullback(y, xg, seed * _per_sample(others, y))[sample]
-            if bool((grad.ne(0) & grad.isfinite()).any()):
-                seeded = others.nonzero().flatten().tolist()
-                shown = ", ".join(map(str, seeded[:5])) + (", ..." if len(seeded) > 5 else "")
-                return (f"a vector-Jacobian product seeded on sample(s) {shown} is nonzero on sample {sample}: "
-                        f"outputs depend on other samples' inputs")
-            break  # rounding, not coupling: the exact test found nothing
+        reason = _confirmed(y, xg, seed, finite, differs, lambda sample: factor != factor[sample])
+        if reason:
+            return reason
     return ""
+
+
+def _confirmed(y: Tensor, xg: Tensor, seed: Tensor, finite: Tensor, differs: Tensor,
+               other_than: Callable[[int], Tensor]) -> str | None:
+    """For the first sample whose scaled gradient differs, the exact test: seeded only on the
+    samples `other_than(sample)` marks, its gradient must be exactly zero. The reason f is coupled,
+    "" when the difference was rounding (the exact test found nothing), None when nothing differed."""
+    batch = xg.shape[0]
+    for sample in differs.reshape(batch, -1).any(dim=1).nonzero().flatten().tolist():
+        others = finite & other_than(sample)
+        grad = _pullback(y, xg, seed * _per_sample(others, y))[sample]
+        if bool((grad.ne(0) & grad.isfinite()).any()):
+            seeded = others.nonzero().flatten().tolist()
+            shown = ", ".join(map(str, seeded[:5])) + (", ..." if len(seeded) > 5 else "")
+            return (f"a vector-Jacobian product seeded on sample(s) {shown} is nonzero on sample {sample}: "
+                    f"outputs depend on other samples' inputs")
+        return ""  # rounding, not coupling: the exact test found nothing
+    return None
+
+
+def quick_coupling(f: BatchedFn, x: Tensor, generator: torch.Generator) -> str:
+    """A cheap randomized re-check of batch independence at this x: "" or why f mixes samples.
+
+    One forward pass and two vector-Jacobian products (vectorized) whose seeds differ by a random
+    power of two per sample: for a batch-independent f each sample's gradient scales by exactly
+    its own factor. Coupling between two samples escapes one check only if they drew the same
+    factor (1 in 16, less for coupling among many samples); a mismatch is confirmed exactly, as
+    in the probe. About the cost of one call of a first-order strategy."""
+    batch = x.shape[0]
+    if batch == 1:
+        return ""
+    with torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        y = f(xg)
+        if not isinstance(y, Tensor) or not y.requires_grad:
+            return ""
+        finite = xg.detach().reshape(batch, -1).isfinite().all(dim=1)
+        seed = torch.randn(y.shape, generator=generator, device="cpu").to(y) * _per_sample(finite, y)
+        levels = 8 if torch.finfo(y.dtype).bits > 16 else 4  # no overflow in half precision
+        factor = torch.pow(2.0, torch.randint(0, levels, (batch,), generator=generator)).to(y)
+        grads = _pullbacks(y, xg, torch.stack([seed, seed * _per_sample(factor, y)]))
+        if grads is None:
+            return ""
+        base, scaled = grads
+        expected = base * _per_sample(factor, base)
+        differs = (scaled != expected) & (scaled.isfinite() | expected.isfinite())
+        return _confirmed(y, xg, seed, finite, differs, lambda sample: factor != factor[sample]) or ""
+
+
+def _pullbacks(y: Tensor, xg: Tensor, seeds: Tensor) -> Tensor | None:
+    """Vector-Jacobian products for each of seeds (k, *y.shape): (k, *xg.shape); one at a time where
+    the backward pass cannot be vectorized."""
+    try:
+        (grads,) = torch.autograd.grad(y, xg, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True)
+    except RuntimeError:
+        rows = [_pullback(y, xg, seed) for seed in seeds]
+        if rows[0] is None:
+            return None
+        return torch.stack(rows)  # type: ignore[arg-type]
+    return grads
 
 
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:

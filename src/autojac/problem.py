@@ -5,21 +5,31 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor
 
 BatchedFn = Callable[[Tensor], Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Problem:
-    """One call: `f` maps `x` of shape (B, *in) to (B, *out); `v` (hvp only) has x's shape."""
+    """One call: `f` maps `x` of shape (B, *in) to (B, *out); `v` (hvp only) has x's shape.
+
+    `f` has the call's extra arguments bound (`base(x, *args)`); strategies that run f on one
+    sample at a time under vmap use `base`, `args` and `arg_dims` (each argument's batch
+    dimension, None for an argument shared by every sample) through `strategies.basis.per_sample`.
+    """
 
     op: str
     f: BatchedFn
     x: Tensor
     v: Tensor | None = None
     create_graph: bool = False
+    base: Callable[..., Tensor] | None = None  # f before its extra arguments were bound (None: f itself)
+    args: tuple[Any, ...] = ()
+    arg_dims: tuple[int | None, ...] = ()
 
     @property
     def batch(self) -> int:
@@ -33,6 +43,12 @@ class Problem:
     def n(self) -> int:
         """Number of input elements per sample."""
         return math.prod(self.x.shape[1:])
+
+    def replace(self, **changes: Any) -> Problem:
+        """A copy with some fields changed (another x, say)."""
+        fields = {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        fields.update(changes)
+        return Problem(**fields)
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,16 @@ def check_x(x: object, name: str = "x") -> None:
         raise ValueError(
             f"{name} is 0-d (shape ()); autojac needs a batch dimension: shape (B, *in). "
             f"For a single sample use {name}.reshape(1, 1)"
+        )
+    if x.layout != torch.strided:
+        raise TypeError(
+            f"{name} has layout {x.layout}; autojac differentiates dense tensors only. Convert it with "
+            f"{name}.to_dense()"
+        )
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device: it has a shape but no values, and derivatives need values. "
+            f"Materialize it on a real device (e.g. torch.empty_like({name}, device='cpu') filled with data)"
         )
     if not x.dtype.is_floating_point:
         raise TypeError(

@@ -1,21 +1,25 @@
 """The problem signature: everything that changes which strategy wins, and its hash (the key).
 
-Fingerprints of `f` cover code and structure, never weights: for an nn.Module its classes,
-their forward code, hyperparameters (extra_repr), parameter and buffer shapes, and the public
-attributes of modules of the user's own classes; for a function its qualified name, code,
-defaults, and what it closes over or reads from its globals; for a bound method or a callable
-object, the object's public attributes too. Containers (up to 32 items) are walked.
+Fingerprints of `f` cover code and structure, never weights or data: for an nn.Module its
+classes, their methods' code and the globals those read, hyperparameters (extra_repr and every
+public attribute of torch's own modules, `batch_first` say), parameter and buffer shapes, hooks,
+and the public attributes of modules of the user's own classes; for a function its qualified
+name, code, and what it closes over or reads from its globals; for a bound method or a callable
+object, the object's public attributes too. Containers are walked.
 
-Values that select behaviour (bool, None, str, enum members) are part of the fingerprint
-wherever f reads them. Numbers are part of it only where they are fixed when f is made
-(defaults, closure cells, partial arguments): a number read from a global or an attribute
-is often a step counter or a schedule, and making it part of the key would tune again on
-every step. The training flags of every module reached are read on each call, since
-`model.eval()` changes the answer.
+Switches (bool, None, str, enum members) are part of the fingerprint wherever f reads them:
+they select behaviour, as do integers bound when f is made (a default, a closure cell, a
+`functools.partial` argument: a `dim`, a size). Other numbers are not (except torch's own modules'
+hyperparameters, such as Dropout's p): a step counter or a learning-rate schedule read at call
+time, an ODE time or a scale captured by a closure or a partial must not make a new plan. Nor are tensors: a captured tensor, a stashed
+activation or a list of losses is data. What the key leaves out is guarded by cheap checks
+instead (trust.py): a new f holding tensors is checked for batch coupling once, and every plan's
+batch independence is checked again at spaced calls.
 
-The description is cached per function object. Every call walks what f reaches once more,
-cheaply (object identities only), and describes f again when anything it reads was rebound:
-a global, an attribute, a submodule swapped for another.
+The description is cached per function object with `Guards`: what to compare on each call to
+know that nothing the description was made from was rebound (a global, a closure cell, an
+attribute of a plain object; module trees are watched by watch.py). When a guard fails, f is
+described again; the key changes only if the fingerprint does.
 """
 
 from __future__ import annotations
@@ -25,23 +29,26 @@ import functools
 import hashlib
 import json
 import platform
+import sys
 import types
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from . import watch
 from .models import FORMAT_VERSION
 
 TORCH_VERSION = torch.__version__
 _MAX_DEPTH = 4  # how far into closures, globals and attributes the walk goes (module trees: all the way)
-_MAX_ITEMS = 32  # containers and attribute sets longer than this are not walked
-_MAX_PARTS = 4096  # the walk stops here, so that f reaching a huge object graph stays cheap
-_SWITCHES = (bool, str, type(None), enum.Enum)  # always part of the fingerprint
-_NUMBERS = (int, float, complex)  # part of it only where fixed when f is made
+_MAX_ITEMS = 256  # containers longer than this are not walked (attributes are, at any count)
+_MAX_PARTS = 8192  # the walk stops here, so that f reaching a huge object graph stays cheap
+_SWITCHES = (bool, str, type(None), enum.Enum)  # part of the fingerprint wherever they are read
+_NUMBERS = (int, float, complex)  # data, except torch modules' hyperparameters
 _OPAQUE = (types.ModuleType, type, bytes, torch.device, torch.dtype)  # described by name, never walked
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -59,14 +66,55 @@ class Signature:
     fn_name: str
     fingerprint: str
     training: tuple[bool, ...]  # training flags of the modules f reaches
+    call: str = ""  # how f is called beyond f(x): extra arguments' structure, several inputs, dims, aux
     torch_version: str = TORCH_VERSION
     format_version: int = FORMAT_VERSION
 
     @functools.cached_property
     def key(self) -> str:
         """Stable hex digest of every field: the on-disk cache key."""
-        text = json.dumps(asdict(self), sort_keys=True, default=list)
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
+        return _digest(asdict(self))
+
+    @functools.cached_property
+    def family(self) -> str:
+        """Digest of every field but the batch size: plans of one family differ only in B."""
+        fields = asdict(self)
+        del fields["batch"]
+        return _digest(fields)
+
+
+def _digest(fields: dict[str, Any]) -> str:
+    text = json.dumps(fields, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Guards:
+    """What to compare on a call to know that f's description still holds: the watch epoch and
+    the count of global hooks, and the identity of what sits in each slot the walk read
+    through (a global, a closure cell, an attribute of a plain object, an item of a container,
+    a user class's method). Identities, not values: a new object in a slot fails the guard even
+    if it is equal, which only costs a new description."""
+
+    epoch: int = 0
+    hooks: int = 0
+    slots: list[tuple[Any, Any, int]] = field(default_factory=list)  # (dict or mapping, key, id)
+    items: list[tuple[list, int, int]] = field(default_factory=list)  # (list, index, id)
+    cells: list[tuple[types.CellType, int]] = field(default_factory=list)
+
+    def hold(self) -> bool:
+        if self.epoch != watch.epoch() or self.hooks != watch.global_hooks():
+            return False
+        for mapping, key, expected in self.slots:
+            if id(mapping.get(key, _MISSING)) != expected:
+                return False
+        for sequence, index, expected in self.items:
+            if index >= len(sequence) or id(sequence[index]) != expected:
+                return False
+        for cell, expected in self.cells:
+            if id(_cell_value(cell)) != expected:
+                return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -76,195 +124,202 @@ class FnInfo:
     name: str
     fingerprint: str
     module_refs: tuple[weakref.ref, ...]  # every nn.Module reached, held weakly
-    state: tuple[Any, ...] = ()  # identities of what f reached when described (see _Walker)
+    guards: Guards
+    holds_tensors: bool = False  # f reaches tensors other than its modules' parameters and buffers
 
     def modules(self) -> list[nn.Module]:
         """The live modules f reaches (parameters' devices, buffers to restore after tuning)."""
         return [m for m in (r() for r in self.module_refs) if m is not None]
 
+    def training(self) -> tuple[bool, ...]:
+        return tuple(m.training for m in self.modules())
+
 
 class _Walker:
-    """Walks f and what it reaches, in one of two modes that visit exactly the same things.
+    """Walks f and what it reaches: readable text for the fingerprint (`parts`), the modules, the
+    guards, and whether f holds tensors of its own."""
 
-    With `rich`, `parts` collects readable text: the fingerprint is its hash. Without, `parts`
-    collects object identities (and modules' training flags): a cheap token that changes when
-    anything the fingerprint is made from is rebound, so that f must be described again.
-    Containers and numbers read at call time add nothing themselves, so that a growing list of
-    losses or a step counter changes neither.
-    """
-
-    def __init__(self, rich: bool) -> None:
-        self.rich = rich
-        self.parts: list[Any] = []
+    def __init__(self) -> None:
+        self.parts: list[str] = []
         self.modules: list[nn.Module] = []
+        self.guards = Guards()
+        self.holds_tensors = False
         self._seen: set[int] = set()
 
-    def emit(self, obj: Any, text: Callable[[], str]) -> None:
-        """Add obj: its text to the fingerprint, its identity to the quick walk."""
-        self.note(id(obj), text)
-
-    def note(self, value: Any, text: Callable[[], str]) -> None:
-        """Add a value that stands for itself in the quick walk (what a new object with the same
-        value would not change: a tensor's shape, a switch's value)."""
+    def add(self, text: str) -> None:
         if len(self.parts) < _MAX_PARTS:
-            self.parts.append(text() if self.rich else value)
+            self.parts.append(text)
 
-    def labelled(self, label: Any, text: Callable[[], str], visit: Callable[[], None]) -> None:
+    def labelled(self, label: str, visit: Callable[[], None]) -> None:
         """Run `visit`; if it added anything, put the label in front of it."""
         mark = len(self.parts)
         visit()
         if len(self.parts) > mark:
-            self.parts.insert(mark, text() if self.rich else id(label))
+            self.parts.insert(mark, label)
 
-    def value(self, obj: Any, depth: int, fixed: bool = False) -> None:
-        """Visit obj; `fixed` when it was bound as f was made (a default, a closure cell)."""
+    def slot(self, mapping: Any, key: Any, label: str, depth: int, *, torch_hyper: bool = False,
+             guard: bool = True, fixed: bool = False) -> None:
+        """Visit what sits in mapping[key] (a global, an attribute), guarding the slot unless
+        watch.py watches it (a module's attribute)."""
+        obj = mapping.get(key, _MISSING)
+        if obj is _MISSING:
+            return
+        if guard:
+            self.guards.slots.append((mapping, key, id(obj)))
+        self.labelled(label, lambda: self.value(obj, depth, torch_hyper=torch_hyper, fixed=fixed))
+
+    def value(self, obj: Any, depth: int, *, torch_hyper: bool = False, fixed: bool = False) -> None:
+        """Visit obj; `torch_hyper` for a torch module's attribute (a hyperparameter), `fixed` for what
+        was bound when f was made (a default, a closure cell, a partial's argument)."""
         if len(self.parts) >= _MAX_PARTS:
             return
-        if isinstance(obj, _SWITCHES) or (fixed and isinstance(obj, _NUMBERS)):
-            self.note((type(obj), obj), lambda: repr(obj)[:200])
+        if isinstance(obj, _SWITCHES) or (torch_hyper and isinstance(obj, _NUMBERS)) or (fixed and isinstance(obj, int)):
+            self.add(_switch_text(obj))  # an int bound when f was made is structure: a dim, a size
         elif isinstance(obj, _NUMBERS):
-            pass  # read at call time: a counter or a schedule, not part of the problem
-        elif isinstance(obj, Tensor):  # a new tensor of the same shape (a stashed activation) changes nothing
-            self.note((obj.shape, obj.dtype), lambda: f"tensor{tuple(obj.shape)}{obj.dtype}")
+            pass  # data: a counter or a schedule read at call time, an ODE time or a scale captured
+        elif isinstance(obj, Tensor):
+            self.holds_tensors = self.holds_tensors or not isinstance(obj, nn.Parameter)
         elif isinstance(obj, _OPAQUE):
-            self.emit(obj, lambda: repr(obj)[:200])
+            self.add(_opaque_text(obj))
         elif isinstance(obj, (tuple, list, dict)):
-            if len(obj) <= _MAX_ITEMS and depth <= _MAX_DEPTH:
-                items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-                for key, item in items:
-                    self.labelled(key, lambda: f"[{_key_text(key)}]",
-                                  lambda: self.value(item, depth + 1, fixed))
+            self.container(obj, depth, fixed)
         elif id(obj) in self._seen or depth > _MAX_DEPTH:
-            self.emit(obj, lambda: f"<ref {_qualname(type(obj))}>")
+            self.add(f"<ref {_qualname(type(obj))}>")
         else:
             self._seen.add(id(obj))
             self.reference(obj, depth)
 
+    def container(self, obj: tuple | list | dict, depth: int, fixed: bool = False) -> None:
+        if len(obj) > _MAX_ITEMS or depth > _MAX_DEPTH:
+            return
+        if isinstance(obj, dict):
+            for key in list(obj):
+                self.slot(obj, key, f"[{_key_text(key)}]", depth + 1, fixed=fixed)
+            return
+        for index, item in enumerate(obj):
+            if isinstance(obj, list):
+                self.guards.items.append((obj, index, id(item)))
+            self.labelled(f"[{index}]", lambda item=item: self.value(item, depth + 1, fixed=fixed))
+
     def reference(self, obj: Any, depth: int) -> None:
         if isinstance(obj, nn.Module):
-            self.module(obj, depth)
+            self.module(obj)
         elif isinstance(obj, types.FunctionType):
             self.function(obj, depth)
         elif isinstance(obj, types.MethodType):
-            self.emit(obj.__func__, lambda: f"method {obj.__func__.__qualname__}")
+            self.add(f"method {obj.__func__.__qualname__}")
             self.value(obj.__self__, depth + 1)
             self.value(obj.__func__, depth + 1)
         elif isinstance(obj, functools.partial):
-            self.emit(obj, lambda: "partial")
+            self.add("partial")
             self.value(obj.func, depth + 1)
             self.value(obj.args, depth + 1, fixed=True)
             self.value(obj.keywords, depth + 1, fixed=True)
         elif not hasattr(obj, "__dict__"):  # builtins, C types: nothing of theirs to walk
-            self.emit(obj, lambda: f"builtin {getattr(obj, '__module__', '')}."
-                                   f"{getattr(obj, '__qualname__', _qualname(type(obj)))}")
-        else:  # an object: its class's __call__ and its public attributes
-            self.emit(obj, lambda: f"object {_qualname(type(obj))}")
-            call = getattr(type(obj), "__call__", None)
-            if isinstance(call, types.FunctionType):
-                self.value(call, depth + 1)
+            self.add(f"builtin {_canonical_module(getattr(obj, '__module__', '') or '')}."
+                     f"{getattr(obj, '__qualname__', _qualname(type(obj)))}")
+        else:  # an object: its class's methods and its public attributes
+            cls = type(obj)
+            self.add(f"object {_qualname(cls)}")
+            self.methods(cls, depth)
             self.attributes(obj, depth)
 
-    def attributes(self, obj: Any, depth: int) -> None:
-        public = [(name, attr) for name, attr in vars(obj).items() if not name.startswith("_") and name != "training"]
-        if len(public) <= _MAX_ITEMS:
-            for name, attr in public:
-                self.labelled(name, lambda: f".{name}", lambda: self.value(attr, depth + 1))
+    def attributes(self, obj: Any, depth: int, *, torch_hyper: bool = False) -> None:
+        """Every public attribute of obj (the module machinery's own excepted); a module's are
+        watched by watch.py, a plain object's are guarded."""
+        namespace = vars(obj)
+        guard = not isinstance(obj, nn.Module)
+        for name in list(namespace):
+            if not name.startswith("_") and name != "training":
+                self.slot(namespace, name, f".{name}", depth + 1, torch_hyper=torch_hyper, guard=guard)
 
-    def module(self, module: nn.Module, depth: int) -> None:
+    def methods(self, cls: type, depth: int) -> None:
+        """The code of the methods a user class defines (up to torch's and object's), and what
+        they read: a module's forward reading a global switch, say."""
+        for klass in cls.__mro__:
+            if klass is object or _from_torch(klass):
+                break
+            for name, member in list(vars(klass).items()):
+                function = getattr(member, "__func__", member)  # staticmethod, classmethod
+                if isinstance(function, types.FunctionType):
+                    self.guards.slots.append((vars(klass), name, id(member)))
+                    self.labelled(f"{klass.__qualname__}.{name}", lambda f=function: self.value(f, depth + 1))
+
+    def module(self, module: nn.Module) -> None:
         # Module trees are walked whole whatever their depth: their structure decides the plan.
-        if not self.rich:
-            self.module_identities(module, depth)
-            return
         cls = type(module)
         self.modules.append(module)
-        self.emit(module, lambda: f"{_qualname(cls)}({module.extra_repr()})")
-        self.parts.append(_hook_text(module))
+        self.add(f"{_qualname(cls)}({module.extra_repr()}){_hook_text(module)}")
         for name, tensor in (*module._parameters.items(), *module._buffers.items()):
             if tensor is not None:
-                self.emit(tensor, lambda: f"{name}{tuple(tensor.shape)}{tensor.dtype}")
-        if _user_class(cls):
-            forward = getattr(cls, "forward", None)
-            if isinstance(forward, types.FunctionType):
-                self.emit(forward.__code__, lambda: _code_digest(forward.__code__))
-            self.attributes(module, depth)
+                self.add(f"{name}{tuple(tensor.shape)}{tensor.dtype}")
+        user = not _from_torch(cls)
+        if user:
+            self.methods(cls, 0)
+        self.attributes(module, 0, torch_hyper=not user)
         for name, child in module._modules.items():
             if child is None:
                 continue
-            self.emit(name, lambda: f"/{name}")
+            self.add(f"/{name}")
             if id(child) in self._seen:
-                self.emit(child, lambda: f"<ref {_qualname(type(child))}>")
+                self.add(f"<ref {_qualname(type(child))}>")
             else:
                 self._seen.add(id(child))
-                self.module(child, depth)
-
-    def module_identities(self, root: nn.Module, depth: int) -> None:
-        """The quick walk's part of `module`, on every call: each module's identity and training
-        flag, in a fixed order (tensors are not followed: a swapped module is, a swapped weight
-        is not)."""
-        parts, modules, seen = self.parts, self.modules, self._seen
-        stack = [root]
-        while stack:
-            module = stack.pop()
-            modules.append(module)
-            parts.append(id(module))
-            parts.append(module.training)
-            parts.append(len(module._forward_hooks) + len(module._forward_pre_hooks))
-            if _user_class(type(module)):
-                self.attributes(module, depth)
-            for child in module._modules.values():
-                if child is not None and id(child) not in seen:
-                    seen.add(id(child))
-                    stack.append(child)
+                self.module(child)
 
     def function(self, f: types.FunctionType, depth: int) -> None:
         code = f.__code__
-        self.emit(code, lambda: f"fn {f.__module__}.{f.__qualname__} {_code_digest(code)}")
+        self.add(f"fn {_canonical_module(f.__module__)}.{f.__qualname__} {_code_digest(code)}")
         self.value(f.__defaults__ or (), depth + 1, fixed=True)
         self.value(f.__kwdefaults__ or {}, depth + 1, fixed=True)
         for name, cell in zip(code.co_freevars, f.__closure__ or ()):
-            self.labelled(name, lambda: f"free {name}", lambda: self.value(_cell_value(cell), depth + 1, fixed=True))
-        for name in _global_names_cached(code):
+            self.guards.cells.append((cell, id(_cell_value(cell))))
+            self.labelled(f"free {name}", lambda cell=cell: self.value(_cell_value(cell), depth + 1, fixed=True))
+        for name in _global_names(code):
             obj = f.__globals__.get(name, _MISSING)
             if obj is not _MISSING and not isinstance(obj, (types.ModuleType, type)):  # imports, classes: code
-                self.labelled(name, lambda: f"global {name}", lambda: self.value(obj, depth + 1))
+                self.slot(f.__globals__, name, f"global {name}", depth + 1)
 
 
-_MISSING = object()
+def _walk(f: Any) -> _Walker:
+    watch.install()
+    walker = _Walker()
+    walker.guards.epoch = watch.epoch()  # taken first: a change during the walk fails the guard later
+    walker.guards.hooks = watch.global_hooks()
+    walker.value(f, 0)
+    if walker.modules:  # global hooks run around every module's forward
+        walker.add(f"global hooks {walker.guards.hooks}")
+        watch.watch(walker.modules)
+    return walker
 
 
 @functools.lru_cache(maxsize=None)
-def _user_class(cls: type) -> bool:
-    """Whether a module class is the user's own (its forward code and attributes are walked)."""
-    return not cls.__module__.startswith("torch.")
+def _from_torch(cls: type) -> bool:
+    """Whether a class is torch's own (its code is torch's; its attributes are hyperparameters)."""
+    return cls.__module__ == "torch" or cls.__module__.startswith("torch.")
+
+
+def _switch_text(obj: Any) -> str:
+    return repr(obj)[:200]
+
+
+def _opaque_text(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"class {_qualname(obj)}"
+    if isinstance(obj, types.ModuleType):
+        return f"module {_canonical_module(obj.__name__)}"
+    return repr(obj)[:200]
 
 
 def _key_text(key: Any) -> str:
     return repr(key)[:100] if isinstance(key, (*_SWITCHES, *_NUMBERS)) else _qualname(type(key))
 
 
-def _walk(f: Any, rich: bool) -> _Walker:
-    walker = _Walker(rich)
-    if not rich and isinstance(f, nn.Module):  # the common case, on every call: straight to the modules
-        walker._seen.add(id(f))
-        walker.module_identities(f, 0)
-    else:
-        walker.value(f, 0)
-    if walker.modules:  # global hooks run around every module's forward
-        count = len(nn.modules.module._global_forward_hooks) + len(nn.modules.module._global_forward_pre_hooks)
-        walker.parts.append(f"global hooks {count}" if rich else count)
-    return walker
-
-
 def _hook_text(module: nn.Module) -> str:
-    """Forward hooks can change what a module computes (and rule out the forward strategies)."""
-    hooks, pre = len(module._forward_hooks), len(module._forward_pre_hooks)
-    return f"hooks {hooks}+{pre}" if hooks or pre else ""
-
-
-def identity_state(f: Callable[..., Any]) -> tuple[Any, ...]:
-    """The identities (and modules' training flags and hook counts) of what f reaches: equal on two
-    calls when nothing f reads was rebound, so that a plan found for the first serves the second."""
-    return tuple(_walk(f, rich=False).parts)
+    """Hooks can change what a module computes (and rule out the forward strategies)."""
+    counts = (len(module._forward_hooks), len(module._forward_pre_hooks), len(module._backward_hooks),
+              len(module._backward_pre_hooks))
+    return f" hooks {counts}" if any(counts) else ""
 
 
 def weak_slot(f: Any, table: weakref.WeakKeyDictionary, make: bool) -> tuple[dict | None, Any]:
@@ -279,22 +334,17 @@ def weak_slot(f: Any, table: weakref.WeakKeyDictionary, make: bool) -> tuple[dic
 
 
 def describe(f: Callable[..., Any]) -> FnInfo:
-    """Name, fingerprint and modules of f, made again only when something f reads was rebound."""
-    return _describe(f, _walk(f, rich=False))[0]
-
-
-def _describe(f: Any, quick: _Walker) -> tuple[FnInfo, tuple[bool, ...]]:
-    """f's description given this call's identity walk, and the training flags of its modules."""
-    state = tuple(quick.parts)
+    """Name, fingerprint, modules and guards of f, made again only when a guard fails."""
     slot, name = weak_slot(f, _DESCRIPTIONS, make=True)
     info = slot.get(name) if slot is not None else None  # not weakly referenceable: every call
-    if info is None or info.state != state:
-        walker = _walk(f, rich=True)
-        digest = hashlib.sha256("\x1f".join(map(str, walker.parts)).encode()).hexdigest()[:16]
-        info = FnInfo(_readable_name(f), digest, tuple(weakref.ref(m) for m in walker.modules), state)
+    if info is None or not info.guards.hold():
+        walker = _walk(f)
+        digest = hashlib.sha256("\x1f".join(walker.parts).encode()).hexdigest()[:16]
+        info = FnInfo(_readable_name(f), digest, tuple(weakref.ref(m) for m in walker.modules), walker.guards,
+                      walker.holds_tensors)
         if slot is not None:
             slot[name] = info
-    return info, tuple(m.training for m in quick.modules)
+    return info
 
 
 _DESCRIPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -307,25 +357,21 @@ def _cell_value(cell: types.CellType) -> Any:
         return None
 
 
-@functools.lru_cache(maxsize=1024)
-def _global_names_cached(code: types.CodeType) -> tuple[str, ...]:
-    return tuple(_global_names(code))
-
-
 def clear_descriptions() -> None:
     """Forget cached descriptions (after editing a function's code in place, say)."""
     _DESCRIPTIONS.clear()
 
 
 def signature(op: str, f: Callable[..., Any], x: Tensor, *, create_graph: bool = False,
-              batch_independent: bool | None = None) -> Signature:
-    """The signature of applying `op` to f at a batch shaped like x."""
-    info, training = _describe(f, _walk(f, rich=False))
+              batch_independent: bool | None = None, call: str = "", info: FnInfo | None = None) -> Signature:
+    """The signature of applying `op` to f at a batch shaped like x (`info`: f's description, if
+    the caller has it)."""
+    info = describe(f) if info is None else info
     return Signature(
         op=op, in_shape=tuple(x.shape[1:]), batch=x.shape[0], dtype=dtype_name(x.dtype),
         device=x.device.type, device_name=device_name(x.device), create_graph=create_graph,
         batch_independent=batch_independent, fn_name=info.name, fingerprint=info.fingerprint,
-        training=training,
+        training=info.training(), call=call,
     )
 
 
@@ -355,8 +401,25 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def _canonical_module(name: str) -> str:
+    """A module's name as importing it by path would give: `python train.py` runs train.py as
+    `__main__`, but `autojac warm train:build` imports it as `train`, and both must find one plan."""
+    if name != "__main__":
+        return name
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name.removesuffix(".__main__")
+    path = getattr(main, "__file__", None)
+    if path:
+        import os
+
+        return os.path.splitext(os.path.basename(path))[0]
+    return name
+
+
 def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return f"{_canonical_module(cls.__module__)}.{cls.__qualname__}"
 
 
 def _readable_name(f: Any) -> str:
@@ -369,16 +432,27 @@ def _readable_name(f: Any) -> str:
     return f"{module}.{name}" if module and module != "__main__" else name
 
 
+@functools.lru_cache(maxsize=4096)
 def _code_digest(code: types.CodeType) -> str:
     parts = [code.co_code.hex(), repr(code.co_names)]
     for const in code.co_consts:
-        parts.append(_code_digest(const) if isinstance(const, types.CodeType) else repr(const)[:200])
+        parts.append(_code_digest(const) if isinstance(const, types.CodeType) else _const_text(const))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _global_names(code: types.CodeType) -> list[str]:
-    names = list(code.co_names)
+def _const_text(const: Any) -> str:
+    """A code constant as text that does not depend on PYTHONHASHSEED (a set literal's order does)."""
+    if isinstance(const, frozenset):
+        return "frozenset{" + ",".join(sorted(_const_text(c) for c in const)) + "}"
+    if isinstance(const, tuple):
+        return "(" + ",".join(_const_text(c) for c in const) + ")"
+    return repr(const)[:200]
+
+
+@functools.lru_cache(maxsize=4096)
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    names = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names.extend(_global_names(const))
-    return sorted(set(names))
+            names.update(_global_names(const))
+    return tuple(sorted(names))

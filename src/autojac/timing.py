@@ -81,7 +81,8 @@ class Samples:
 
 @dataclass(frozen=True)
 class TuneSettings:
-    """How hard to tune. `budget` is wall seconds per plan, probes and warm-ups included."""
+    """How hard to tune. `budget` is wall seconds per plan, probes and warm-ups included (for a cheap
+    problem, `cheap_budget`)."""
 
     budget: float = DEFAULT_BUDGET
     drop_factor: float = 3.0  # a candidate this many times slower than the best is dropped
@@ -93,6 +94,11 @@ class TuneSettings:
     # each has `confirm_repeats` calls, within one more budget: a lucky single call must not decide.
     confirm_margin: float = 1.25
     confirm_repeats: int = 3
+    # A problem whose best call takes under `cheap_call` seconds is tuned within `cheap_budget`
+    # (probes included): 100 ms is 50 calls of 2 ms, and fewer calls' worth of anything cheaper
+    # would leave too few timings to tell strategies apart.
+    cheap_call: float = 2e-3
+    cheap_budget: float = 0.1
 
     @classmethod
     def from_env(cls) -> TuneSettings:
@@ -108,7 +114,7 @@ class TuneSettings:
             ) from None
         if not budget > 0:
             raise ValueError(f"AUTOJAC_TUNE_BUDGET={text!r} must be positive (seconds per plan)")
-        return cls(budget=budget)
+        return cls(budget=budget, cheap_budget=budget)  # given explicitly: the budget of every plan
 
 
 def compare(fns: dict[str, Callable[[], object]], clock: Clock | None = None, *, min_time: float = 0.2,

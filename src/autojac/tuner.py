@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,10 +52,15 @@ class Outcome:
 
 def choose(pool: Sequence[Candidate], run: Callable[[Candidate], Tensor], *, clock: Clock,
            settings: TuneSettings, tune: bool, started: float | None = None,
-           chunk_first_above: int | None = None) -> Outcome:
+           chunk_first_above: int | None = None, dtype: torch.dtype | None = None, order: int = 1,
+           references: Collection[str] = ()) -> Outcome:
     """Try the candidates and pick the winner; see `_Tuning`. A strategy whose unchunked memory
-    estimate is over `chunk_first_above` bytes is first tried at its largest chunk."""
-    return _Tuning(pool, run, clock, settings, tune, started, chunk_first_above).go()
+    estimate is over `chunk_first_above` bytes is first tried at its largest chunk. Results are
+    compared in `dtype` (the least precise the computation went through; each result's own by
+    default) for derivatives of `order`; where they disagree, the group holding one of the
+    `references` (candidate labels) is trusted, else the largest."""
+    return _Tuning(pool, run, clock, settings, tune, started, chunk_first_above, dtype, order,
+                   frozenset(references)).go()
 
 
 @dataclass
@@ -89,9 +94,11 @@ class _Tuning:
     """
 
     def __init__(self, pool: Sequence[Candidate], run: Callable[[Candidate], Tensor], clock: Clock,
-                 settings: TuneSettings, tune: bool, started: float | None, chunk_first_above: int | None = None):
+                 settings: TuneSettings, tune: bool, started: float | None, chunk_first_above: int | None = None,
+                 dtype: torch.dtype | None = None, order: int = 1, references: frozenset[str] = frozenset()):
         self.pool, self.run, self.clock, self.settings, self.tune = list(pool), run, clock, settings, tune
         self.chunk_first_above = chunk_first_above
+        self.dtype, self.order, self.references = dtype, order, references
         self.started = clock.now() if started is None else started
         self.samples: dict[str, Samples] = {}
         self.excluded: dict[str, str] = {}
@@ -114,7 +121,7 @@ class _Tuning:
             # every first form takes a good part of the budget, it would otherwise never run.
             whole = candidate.chunk is None and candidate.strategy.name in self.chunked_first
             worth = candidate.strategy.name in promising or whole
-            budget = 2 * self.settings.budget if whole and candidate.strategy.name in promising else None
+            budget = 2.0 if whole and candidate.strategy.name in promising else None  # times the budget
             if worth and self._warm_up(candidate, budget) and not self.tune:
                 return self._outcome(candidate)
             if not worth:
@@ -124,7 +131,7 @@ class _Tuning:
             raise NoCandidateError("result", self.excluded)
         self._rounds()
         self._confirm()
-        return self._outcome(self._winner())
+        return self._outcome(self._confirmed_winner())
 
     def _first_forms(self) -> tuple[list[Candidate], list[Candidate]]:
         """Each strategy's first form, and the other forms, both in pool (heuristic) order."""
@@ -147,6 +154,13 @@ class _Tuning:
     def _spent(self) -> float:
         return self.clock.now() - self.started
 
+    def _budget(self) -> float:
+        """The budget: the settings', or for a cheap problem (its best call under `cheap_call`
+        seconds) only `cheap_budget`: tuning must cost what it can save, tens of calls."""
+        if self._best() < self.settings.cheap_call:
+            return min(self.settings.budget, self.settings.cheap_budget)
+        return self.settings.budget
+
     def _warm_up(self, candidate: Candidate, budget: float | None = None) -> bool:
         """Run once to check, once to time; True if the candidate survives.
 
@@ -156,10 +170,11 @@ class _Tuning:
         (an upper bound).
         """
         label = candidate.label
-        budget = self.settings.budget if budget is None else budget
+        budget = self._budget() * (budget or 1.0)
         if self.tune and self.samples and budget - self._spent() < self._best():
-            self.excluded[label] = (f"not timed: the tuning budget of {self.settings.budget:g} s was spent "
-                                    f"(AUTOJAC_TUNE_BUDGET)")
+            self.excluded[label] = (f"not timed: the tuning budget of {self._budget():g} s was spent "
+                                    f"(AUTOJAC_TUNE_BUDGET; {self.settings.cheap_budget:g} s for calls under "
+                                    f"{self.settings.cheap_call * 1e3:g} ms)")
             return False
         failure = ""
         try:
@@ -194,7 +209,7 @@ class _Tuning:
             self.excluded[label] = f"returned {type(result).__name__}, not a tensor"
             return False
         for group in self.classes:
-            if agree(result, group.result)[0]:
+            if agree(result, group.result, self.dtype, self.order)[0]:
                 group.members.append(label)
                 return True
         if len(self.classes) >= 3:  # more than three different answers: keep no more copies
@@ -215,9 +230,9 @@ class _Tuning:
     def _rounds(self) -> None:
         if not self.tune or not self.active:
             return
-        share = max(self.settings.budget - self._spent(), 0.0) / len(self.active)
+        share = max(self._budget() - self._spent(), 0.0) / len(self.active)
         active = list(self.active)
-        while active and self._spent() < self.settings.budget:
+        while active and self._spent() < self._budget():
             for candidate in list(active):
                 if not self._time_again(candidate):
                     active.remove(candidate)
@@ -238,7 +253,7 @@ class _Tuning:
         finalists = [c for c in measured if self.samples[c.label].median <= self.settings.confirm_margin * best][:3]
         if len(finalists) < 2:
             return
-        limit = max(self._spent(), self.settings.budget) + self.settings.budget
+        limit = max(self._spent(), self._budget()) + self._budget()
         while True:
             short = [c for c in finalists if len(self.samples[c.label].seconds) < self.settings.confirm_repeats]
             if not short or self._spent() + sum(self.samples[c.label].median for c in short) > limit:
@@ -258,6 +273,23 @@ class _Tuning:
         self.samples[candidate.label].add(seconds)
         return True
 
+    def _confirmed_winner(self) -> Candidate:
+        """The winner, timed at least `confirm_repeats` times (within one more budget): a plan is
+        never decided by one timing of its winner; if more timings dethrone it, the next is asked."""
+        for _ in range(len(self.pool)):
+            winner = self._winner()
+            samples = self.samples[winner.label]
+            limit = max(self._spent(), self._budget()) + self._budget()
+            missing = self.settings.confirm_repeats - len(samples.seconds)
+            if missing <= 0 or self._spent() + missing * samples.median > limit:
+                return winner
+            for _ in range(missing):
+                if not self._time_again(winner):
+                    break
+            if self._winner() is winner:
+                return winner
+        return self._winner()
+
     def _winner(self) -> Candidate:
         by_label = {c.label: c for c in self.pool}
         majority = self._majority()
@@ -271,10 +303,11 @@ class _Tuning:
     def _majority(self) -> set[str]:
         """Labels in the largest agreeing group; the others are excluded with a warning."""
         rank = {c.label: i for i, c in enumerate(self.pool)}
-        groups = sorted(self.classes, key=lambda g: (-len(g.members), min(rank[m] for m in g.members)))
+        groups = sorted(self.classes, key=lambda g: (not self.references.intersection(g.members), -len(g.members),
+                                                     min(rank[m] for m in g.members)))
         winner, losers = groups[0], groups[1:]
         for group in losers:
-            _, diff, allowed = agree(group.result, winner.result)
+            _, diff, allowed = agree(group.result, winner.result, self.dtype, self.order)
             for label in group.members:
                 reason = (f"result disagrees with {winner.members[0]} by {diff:.3g} "
                           f"(allowed {allowed:.3g}); agreeing with it: {', '.join(winner.members)}")

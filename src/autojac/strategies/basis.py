@@ -7,6 +7,7 @@ The basis is built chunk by chunk, so the (n, n) identity never exists unless ch
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 
@@ -33,15 +34,73 @@ def joined(pieces: list[Tensor]) -> Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
+# Seeds and bases are cached process-wide, so that a plan's calls reuse them: tensors up to this
+# many bytes are kept (larger ones cost nothing next to the computation they seed).
+_CACHED_BYTES = 16 * 2**20
+
+
+def _cacheable(numel: int, dtype: torch.dtype) -> bool:
+    return numel * dtype.itemsize <= _CACHED_BYTES
+
+
 def one_hot_rows(start: int, stop: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """Basis vectors e_start .. e_{stop-1} of a space of `shape`: (stop - start, *shape).
+    """Basis vectors e_start .. e_{stop-1} of a space of `shape`: (stop - start, *shape). Cached:
+    never write into it.
 
     Made in its final shape, not as a view: a view as the seeds of a vectorized backward pass
     costs some 40 µs more per call (measured on the seed problem, where the pass takes 200)."""
-    rows = torch.zeros(stop - start, *shape, dtype=like.dtype, device=like.device)
-    index = torch.arange(stop - start, device=like.device)
-    rows.view(stop - start, -1)[index, index + start] = 1
+    shape = tuple(shape)
+    if _cacheable((stop - start) * math.prod(shape), like.dtype):
+        return _one_hot_rows(start, stop, shape, like.dtype, like.device)
+    return _make_one_hot_rows(start, stop, shape, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _one_hot_rows(start: int, stop: int, shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    return _make_one_hot_rows(start, stop, shape, dtype, device)
+
+
+def _make_one_hot_rows(start: int, stop: int, shape: tuple[int, ...], dtype: torch.dtype,
+                       device: torch.device) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # a cached seed must serve every mode
+        rows = torch.zeros(stop - start, *shape, dtype=dtype, device=device)
+        index = torch.arange(stop - start, device=device)
+        rows.view(stop - start, -1)[index, index + start] = 1
     return rows
+
+
+def ones_seed(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Ones of `shape` (an expanded scalar: no memory to speak of); the seed of a per-sample scalar
+    output's gradient. Cached: never write into it."""
+    return _ones_seed(tuple(shape), like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _ones_seed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.ones((), dtype=dtype, device=device).expand(shape)
+
+
+def broadcast_rows(start: int, stop: int, shape: tuple[int, ...], batch: int, like: Tensor) -> Tensor:
+    """one_hot_rows of a per-sample space, the same for every sample: (stop - start, B, *shape),
+    an expanded view. As seeds of one vectorized backward pass through a batch-independent f's
+    output (B, *shape), they give row i of every sample's Jacobian at once (the batch trick)."""
+    rows = one_hot_rows(start, stop, shape, like)
+    return rows.unsqueeze(1).expand(stop - start, batch, *shape)
+
+
+def row_seeds(shape: tuple[int, ...], batch: int, like: Tensor) -> tuple[Tensor, ...]:
+    """broadcast_rows for every row, one seed at a time: m seeds (B, *shape) for a loop of backward
+    passes over the output coordinates. Cached."""
+    return _row_seeds(tuple(shape), batch, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_seeds(shape: tuple[int, ...], batch: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    like = torch.empty((), dtype=dtype, device=device)
+    rows = broadcast_rows(0, math.prod(shape), shape, batch, like)
+    return tuple(rows.unbind(0))
 
 
 def vjp_basis(fn: Fn, primal: Tensor, chunk: int | None) -> Tensor:
@@ -54,6 +113,24 @@ def vjp_basis(fn: Fn, primal: Tensor, chunk: int | None) -> Tensor:
         for start, stop in spans(out.numel(), chunk)
     ]
     return joined(pieces).reshape(*out.shape, *primal.shape)
+
+
+def batch_vjp_rows(fn: Fn, primal: Tensor, chunk: int | None) -> Tensor:
+    """Every sample's Jacobian of a batch-independent fn (B, *in) -> (B, *out) by reverse mode,
+    row by row: (*out, B, *in), one vector-Jacobian product seeded with output coordinate i on
+    every sample per row, vectorized `chunk` rows at a time. A torch.func function of primal,
+    so it can be differentiated again."""
+    out, pullback = vjp(fn, primal)
+    batch, out_shape = out.shape[0], tuple(out.shape[1:])
+    m = math.prod(out_shape)
+    if out.numel() == 0:
+        return primal.new_zeros(*out_shape, *primal.shape)
+    if m == 1:
+        rows = pullback(ones_seed(tuple(out.shape), out))[0]
+    else:
+        rows = joined([vmap(pullback)(broadcast_rows(start, stop, out_shape, batch, out))[0]
+                       for start, stop in spans(m, chunk)])
+    return rows.view(*out_shape, *primal.shape)
 
 
 def jvp_basis(fn: Fn, primal: Tensor, chunk: int | None, tangent_shape: tuple[int, ...] | None = None) -> Tensor:
@@ -69,7 +146,7 @@ def jvp_basis(fn: Fn, primal: Tensor, chunk: int | None, tangent_shape: tuple[in
 
     pieces = [vmap(push)(one_hot_rows(start, stop, shape, primal)) for start, stop in spans(math.prod(shape), chunk)]
     columns = joined(pieces)  # (k, *out)
-    return columns.movedim(0, -1).reshape(*columns.shape[1:], *shape)
+    return columns.movedim(0, -1).unflatten(-1, shape) if shape else columns.movedim(0, -1).squeeze(-1)
 
 
 def one_sample(f: Fn) -> Fn:
@@ -79,6 +156,21 @@ def one_sample(f: Fn) -> Fn:
         return f(xi.unsqueeze(0)).squeeze(0)
 
     return f_one
+
+
+def per_sample(p: Problem, transform: Callable[[Fn], Fn]) -> Tensor:
+    """vmap over the samples of transform(f_one)(x[b]), where f_one maps one sample (*in) -> (*out)
+    with that sample's own extra arguments (those with a batch dimension in p.arg_dims)."""
+    if not p.args:
+        return vmap(transform(one_sample(p.f)))(p.x)
+    base, dims = p.base, p.arg_dims
+    assert base is not None
+
+    def body(xi: Tensor, *args: object) -> Tensor:
+        batched = tuple(a if d is None else a.unsqueeze(d) for a, d in zip(args, dims))  # type: ignore[union-attr]
+        return transform(lambda z: base(z.unsqueeze(0), *batched).squeeze(0))(xi)
+
+    return vmap(body, in_dims=(0, *dims))(p.x, *p.args)
 
 
 def grad_input(problem: Problem) -> Tensor:
@@ -93,18 +185,44 @@ def grad_input(problem: Problem) -> Tensor:
     return x.detach().requires_grad_(True)
 
 
+def vjp_of(outputs: Tensor, x: Tensor, seed: Tensor, *, retain: bool, create_graph: bool,
+           batched: bool = False) -> Tensor:
+    """torch.autograd.grad of outputs w.r.t. x seeded with `seed` (with `batched`, a stack of seeds
+    (k, *outputs.shape), vectorized): (*x.shape), or (k, *x.shape); zeros where outputs do not
+    depend on x."""
+    (grad,) = torch.autograd.grad(outputs, x, seed, retain_graph=retain or create_graph, create_graph=create_graph,
+                                  is_grads_batched=batched, allow_unused=True)
+    if grad is None:
+        return x.new_zeros(*seed.shape[:1], *x.shape) if batched else torch.zeros_like(x)
+    if batched and grad.dim() == x.dim():  # the zeros of an output that ignores x come unbatched
+        grad = grad.expand(seed.shape[0], *grad.shape)
+    return grad
+
+
 def batched_grad(outputs: Tensor, x: Tensor, seeds: Tensor, create_graph: bool) -> Tensor:
     """Vector-Jacobian products of outputs w.r.t. x for each seed in seeds (k, *outputs.shape):
-    (k, *x.shape), vectorized; a single seed skips vmap."""
+    (k, *x.shape), vectorized; a single seed skips vmap. The graph is kept for more."""
     if seeds.shape[0] == 1:
-        (grad,) = torch.autograd.grad(outputs, x, seeds[0], retain_graph=True, create_graph=create_graph,
-                                      materialize_grads=True)
-        return grad[None]
-    (grads,) = torch.autograd.grad(outputs, x, seeds, retain_graph=True, create_graph=create_graph,
-                                   is_grads_batched=True, materialize_grads=True)
-    if grads.dim() == x.dim():  # outputs do not depend on x: the zeros come without the seed dimension
-        grads = grads.expand(seeds.shape[0], *grads.shape)
-    return grads
+        return vjp_of(outputs, x, seeds[0], retain=True, create_graph=create_graph)[None]
+    return vjp_of(outputs, x, seeds, retain=True, create_graph=create_graph, batched=True)
+
+
+def output_rows(y: Tensor, x: Tensor, chunk: int | None, create_graph: bool, *, retain: bool = False) -> Tensor:
+    """The batch trick in reverse, in plain autograd: row i of every sample's Jacobian of y (B, *out)
+    w.r.t. x, from one backward pass seeded with output coordinate i on every sample, vectorized
+    `chunk` rows at a time: (m, B, *in). No node is added to f's graph (the seeds go straight to
+    y), and the graph is freed after the last pass unless `retain` or create_graph."""
+    batch, out_shape = y.shape[0], tuple(y.shape[1:])
+    m = math.prod(out_shape)
+    if m == 1:
+        return vjp_of(y, x, ones_seed(tuple(y.shape), y), retain=retain, create_graph=create_graph).unsqueeze(0)
+    pieces = []
+    for start, stop in spans(m, chunk):
+        seeds = broadcast_rows(start, stop, out_shape, batch, y)
+        keep = retain or stop < m
+        pieces.append(vjp_of(y, x, seeds[0], retain=keep, create_graph=create_graph).unsqueeze(0) if stop - start == 1
+                      else vjp_of(y, x, seeds, retain=keep, create_graph=create_graph, batched=True))
+    return joined(pieces)
 
 
 def own_sample_rows(outputs: Tensor, x: Tensor, chunk: int | None, create_graph: bool) -> Tensor:

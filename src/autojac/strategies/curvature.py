@@ -15,15 +15,17 @@ import torch
 from torch import Tensor
 
 from ..problem import Problem, Sizes, result_shape
-from .basis import Fn, batched_grad, entry_samples, grad_input, joined, one_hot_rows, own_sample_span, spans, vjp_basis
+from .basis import (Fn, batch_vjp_rows, batched_grad, broadcast_rows, entry_samples, grad_input, joined, ones_seed,
+                    own_sample_span, row_seeds, spans, vjp_of)
 
 OPS_DIAGONAL = frozenset({"hessian_diag", "laplacian"})
 
 
 def summed_jacobian(f: Fn, chunk: int | None = None) -> Fn:
-    """x (B, *in) -> (*out, B, *in): every sample's Jacobian by reverse mode on the batch-summed
-    output; a torch.func function, so it can be differentiated again by jvp or vjp."""
-    return lambda x: vjp_basis(lambda z: f(z).sum(0), x, chunk)
+    """x (B, *in) -> (*out, B, *in): every sample's Jacobian by reverse mode, each output coordinate
+    seeded on every sample at once (the batch trick); a torch.func function, so it can be
+    differentiated again by jvp or vjp."""
+    return lambda x: batch_vjp_rows(f, x, chunk)
 
 
 def input_basis_rows(grad: Tensor, x: Tensor, start: int, stop: int, create_graph: bool) -> Tensor:
@@ -33,22 +35,21 @@ def input_basis_rows(grad: Tensor, x: Tensor, start: int, stop: int, create_grap
     batch, in_shape = grad.shape[0], tuple(grad.shape[1:])
     if not grad.requires_grad:  # grad does not depend on x: those rows are zero
         return x.new_zeros(stop - start, *x.shape)
-    seeds = one_hot_rows(start, stop, in_shape, x)[:, None]  # (c, 1, *in)
-    return batched_grad(grad, x, seeds.expand(-1, batch, *in_shape), create_graph)
+    return batched_grad(grad, x, broadcast_rows(start, stop, in_shape, batch, x), create_graph)
 
 
 def output_gradients(p: Problem) -> tuple[Tensor, tuple[int, ...], list[Tensor] | None]:
-    """Under torch.enable_grad(): the x to differentiate w.r.t. (grad_input), f's per-sample output
-    shape, and [d(sum_b y[b, k]) / dx for each output element k], each (B, *in) and kept
-    differentiable: one plain autograd.grad per output element (no vmap); None if y ignores x."""
+    """With grad mode on: the x to differentiate w.r.t. (grad_input), f's per-sample output shape,
+    and for each output element k every sample's gradient of y[b, k], each (B, *in) and kept
+    differentiable: one plain autograd.grad per output element seeded on every sample (no vmap);
+    None if y ignores x."""
     x = grad_input(p)
     y = p.f(x)
+    out_shape = tuple(y.shape[1:])
     if not y.requires_grad:
-        return x, tuple(y.shape[1:]), None
-    summed = y.sum(0).reshape(-1)
-    grads = [torch.autograd.grad(summed[k], x, retain_graph=True, create_graph=True, materialize_grads=True)[0]
-             for k in range(summed.numel())]
-    return x, tuple(y.shape[1:]), grads
+        return x, out_shape, None
+    seeds = row_seeds(out_shape, y.shape[0], y) if out_shape else (ones_seed(tuple(y.shape), y),)
+    return x, out_shape, [vjp_of(y, x, seed, retain=True, create_graph=True) for seed in seeds]
 
 
 def zeros_result(p: Problem, out_shape: tuple[int, ...]) -> Tensor:
@@ -92,13 +93,12 @@ def coupled_second_level(p: Problem, chunk: int | None,
     entry's sample), through that span's graph only: differentiating the whole first level at
     once would make every pass run through all B m of its seeds. Returns the pieces joined
     (None when f(x) is empty or does not depend on x) and the per-sample output shape."""
-    with torch.enable_grad():
-        x = grad_input(p)
-        y = p.f(x)
-        flat, out_shape = y.reshape(-1), tuple(y.shape[1:])
-        if flat.numel() == 0 or not flat.requires_grad:
-            return None, out_shape
-        samples = entry_samples(flat, p.batch)
-        pieces = [second(own_sample_span(flat, samples, x, start, stop, create_graph=True), samples[start:stop], x)
-                  for start, stop in spans(flat.numel(), chunk)]
+    x = grad_input(p)
+    y = p.f(x)
+    flat, out_shape = y.reshape(-1), tuple(y.shape[1:])
+    if flat.numel() == 0 or not flat.requires_grad:
+        return None, out_shape
+    samples = entry_samples(flat, p.batch)
+    pieces = [second(own_sample_span(flat, samples, x, start, stop, create_graph=True), samples[start:stop], x)
+              for start, stop in spans(flat.numel(), chunk)]
     return joined(pieces), out_shape

@@ -56,16 +56,15 @@ def _hvp_diag(p: Problem, chunk: int | None) -> Tensor:
 def _grad_grad_diag(p: Problem, chunk: int | None) -> Tensor:
     # Reverse over reverse in plain autograd: rows of every H[b, k] from output k's
     # differentiable per-sample gradient seeded with e_i on every sample, keeping entry i.
-    with torch.enable_grad():
-        x, out_shape, grads = output_gradients(p)
-        if grads is None:
-            return zeros_result(p, out_shape)
-        pieces = []
-        for g in grads:
-            for start, stop in spans(p.n, chunk):
-                rows = input_basis_rows(g, x, start, stop, p.create_graph).reshape(stop - start, p.batch, p.n)
-                coords = torch.arange(start, stop, device=x.device)
-                pieces.append(rows[coords - start, :, coords])  # (c, B)
+    x, out_shape, grads = output_gradients(p)
+    if grads is None:
+        return zeros_result(p, out_shape)
+    pieces = []
+    for g in grads:
+        for start, stop in spans(p.n, chunk):
+            rows = input_basis_rows(g, x, start, stop, p.create_graph).reshape(stop - start, p.batch, p.n)
+            coords = torch.arange(start, stop, device=x.device)
+            pieces.append(rows[coords - start, :, coords])  # (c, B)
     diag = joined(pieces).reshape(-1, p.batch).t()  # (B, m * n)
     return finish_diagonal(p, diag.reshape(p.batch, *out_shape, *p.in_shape))
 
@@ -117,12 +116,12 @@ register(Strategy(
 ))
 register(Strategy(
     name="grad_grad_diag", ops=OPS_DIAGONAL, run=_grad_grad_diag, memory=_grad_grad_memory, basis=lambda s: s.n,
-    needs=frozenset({BATCH_INDEPENDENT}),
+    needs=frozenset({BATCH_INDEPENDENT}), autograd=True,
     summary="reverse over reverse with the batch trick in plain autograd, one entry per Hessian row kept",
 ))
 register(Strategy(
     name="loop_diag", ops=OPS_DIAGONAL, run=_loop_diag, memory=_loop_memory,
-    needs=frozenset({BATCH_INDEPENDENT}),
+    needs=frozenset({BATCH_INDEPENDENT}), autograd=True,
     summary="one autograd.grad per output element, then per (output, input) element; no vmap",
 ))
 register(Strategy(

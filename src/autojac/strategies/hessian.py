@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import vmap
+from torch.func import jacfwd, jacrev
 
 from ..problem import Problem, Sizes
-from .basis import batch_first, joined, jvp_basis, one_sample, own_sample_gradients, spans, vjp_basis
+from .basis import batch_first, joined, jvp_basis, own_sample_gradients, per_sample, spans
 from .curvature import (OPS_DIAGONAL, coupled_second_level, diagonal_of, double_pass_memory, finish_diagonal, output_gradients,
                         input_basis_rows, summed_jacobian, zeros_result)
 from .registry import BATCH_INDEPENDENT, COUPLED_CHUNKS, VMAP, Strategy, register, set_heuristic
@@ -22,13 +22,13 @@ HESSIAN = frozenset({"hessian"})
 def vmap_fwd_rev(p: Problem, chunk: int | None) -> Tensor:
     """vmap(torch.func.hessian(f)) over the samples: forward mode (chunk tangents at a time) over
     reverse mode; (B, *out, *in, *in). Also the base of the diagonal strategy vmap_hessian_diag."""
-    f_one = one_sample(p.f)
-    return vmap(lambda xi: jvp_basis(lambda z: vjp_basis(f_one, z, None), xi, chunk))(p.x)
+    if chunk is None:
+        return per_sample(p, lambda f_one: jacfwd(jacrev(f_one)))
+    return per_sample(p, lambda f_one: lambda xi: jvp_basis(jacrev(f_one), xi, chunk))
 
 
 def _vmap_rev_rev(p: Problem, chunk: int | None) -> Tensor:
-    f_one = one_sample(p.f)
-    return vmap(lambda xi: vjp_basis(lambda z: vjp_basis(f_one, z, None), xi, chunk))(p.x)
+    return per_sample(p, lambda f_one: jacrev(jacrev(f_one), chunk_size=chunk))
 
 
 def _sum_fwd_rev(p: Problem, chunk: int | None) -> Tensor:
@@ -43,11 +43,10 @@ def _sum_grad_grad(p: Problem, chunk: int | None) -> Tensor:
     # Reverse over reverse with the batch trick, in plain autograd (less overhead than
     # torch.func): each output element's differentiable per-sample gradient, seeded with e_i on
     # every sample, gives row i of every H[b, k]; `chunk` rows per vectorized backward pass.
-    with torch.enable_grad():
-        x, out_shape, grads = output_gradients(p)
-        if grads is None:
-            return zeros_result(p, out_shape)
-        rows = [input_basis_rows(g, x, start, stop, p.create_graph) for g in grads for start, stop in spans(p.n, chunk)]
+    x, out_shape, grads = output_gradients(p)
+    if grads is None:
+        return zeros_result(p, out_shape)
+    rows = [input_basis_rows(g, x, start, stop, p.create_graph) for g in grads for start, stop in spans(p.n, chunk)]
     hess = joined(rows).reshape(*out_shape, *p.in_shape, *x.shape)  # (*out, *in, B, *in)
     return hess.movedim(len(out_shape) + len(p.in_shape), 0)
 
@@ -126,17 +125,17 @@ register(Strategy(
 ))
 register(Strategy(
     name="sum_grad_grad", ops=HESSIAN, run=_sum_grad_grad, memory=_grad_grad_memory, basis=_in_basis,
-    needs=frozenset({BATCH_INDEPENDENT}),
+    needs=frozenset({BATCH_INDEPENDENT}), autograd=True,
     summary="reverse over reverse with the batch trick in plain autograd (is_grads_batched)",
 ))
 register(Strategy(
     name="loop_grad_grad", ops=HESSIAN, run=_loop_grad_grad, memory=_loop_memory,
-    needs=frozenset({BATCH_INDEPENDENT}),
+    needs=frozenset({BATCH_INDEPENDENT}), autograd=True,
     summary="one autograd.grad per output element, then per (output, input) element; no vmap",
 ))
 register(Strategy(
     name="full_hessian", ops=HESSIAN | OPS_DIAGONAL, run=_full_hessian, memory=_full_memory,
-    basis=lambda s: s.batch * s.m, chunks=COUPLED_CHUNKS, coupled_only=True,
+    basis=lambda s: s.batch * s.m, chunks=COUPLED_CHUNKS, coupled_only=True, autograd=True,
     summary="diagonal blocks of the whole-batch Hessian, row by row of the batch; exact for "
             "batch-coupled f",
 ))

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.func import jvp
 
 from ..problem import Problem, Sizes
-from .basis import batch_first, own_sample_gradients, vjp_basis
+from .basis import batch_first, batch_vjp_rows, own_sample_gradients, vjp_of
 from .curvature import coupled_second_level, double_pass_memory, output_gradients, summed_jacobian, zeros_result
 from .registry import BATCH_INDEPENDENT, COUPLED_CHUNKS, Strategy, register, set_heuristic
 
@@ -27,12 +27,12 @@ def _hvp_fwd_rev(p: Problem, chunk: int | None) -> Tensor:
 
 
 def _hvp_rev_fwd(p: Problem, chunk: int | None) -> Tensor:
-    # Reverse over forward: the gradient of the batch-summed directional derivative J[b] v[b]
-    # is H[b]^T v[b] = H[b] v[b].
+    # Reverse over forward: every sample's gradient of its directional derivative J[b] v[b] (the
+    # batch trick) is H[b]^T v[b] = H[b] v[b].
     def directional(z: Tensor) -> Tensor:
-        return jvp(p.f, (z,), (p.v,))[1].sum(0)
+        return jvp(p.f, (z,), (p.v,))[1]
 
-    hv = vjp_basis(directional, p.x, chunk)  # (*out, B, *in)
+    hv = batch_vjp_rows(directional, p.x, chunk)  # (*out, B, *in)
     return batch_first(hv, hv.dim() - p.x.dim())
 
 
@@ -40,14 +40,15 @@ def _hvp_rev_rev(p: Problem, chunk: int | None) -> Tensor:
     # Reverse over reverse (double backward) in plain autograd, no vmap anywhere: each output
     # element's differentiable per-sample gradient, seeded with v. (Seeding all output elements
     # at once by is_grads_batched costs m times the work: measured never faster.)
-    with torch.enable_grad():
-        x, out_shape, grads = output_gradients(p)
-        if grads is None:
-            return zeros_result(p, out_shape)
-        rows = [torch.autograd.grad(g, x, p.v, retain_graph=True, create_graph=p.create_graph,
-                                    materialize_grads=True)[0] if g.requires_grad else torch.zeros_like(x)
-                for g in grads]
-    return batch_first(torch.stack(rows).view(*out_shape, *x.shape), len(out_shape))
+    x, out_shape, grads = output_gradients(p)
+    if grads is None:
+        return zeros_result(p, out_shape)
+    last = len(grads) - 1
+    rows = [vjp_of(g, x, p.v, retain=k < last, create_graph=p.create_graph) if g.requires_grad
+            else torch.zeros_like(x) for k, g in enumerate(grads)]
+    if len(rows) == 1:
+        return rows[0].view(x.shape[0], *out_shape, *p.in_shape)
+    return torch.stack(rows, 1).view(x.shape[0], *out_shape, *p.in_shape)
 
 
 def _full_hvp(p: Problem, chunk: int | None) -> Tensor:
@@ -94,12 +95,12 @@ register(Strategy(
 ))
 register(Strategy(
     name="hvp_rev_rev", ops=HVP, run=_hvp_rev_rev, memory=_loop_memory,
-    needs=frozenset({BATCH_INDEPENDENT}),
+    needs=frozenset({BATCH_INDEPENDENT}), autograd=True,
     summary="reverse over reverse (double backward), one autograd.grad per output element and level; no vmap",
 ))
 register(Strategy(
     name="full_hvp", ops=HVP, run=_full_hvp, memory=_full_memory,
-    basis=lambda s: s.batch * s.m, chunks=COUPLED_CHUNKS, coupled_only=True,
+    basis=lambda s: s.batch * s.m, chunks=COUPLED_CHUNKS, coupled_only=True, autograd=True,
     summary="own-sample gradients of the whole batch contracted with v, differentiated again; exact "
             "for batch-coupled f",
 ))

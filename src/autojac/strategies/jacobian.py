@@ -8,38 +8,32 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import vmap
+from torch.func import jacfwd, jacrev
 
 from ..problem import Problem, Sizes
-from .basis import batch_first, grad_input, joined, jvp_basis, one_hot_rows, one_sample, own_sample_rows, spans, \
-    vjp_basis
+from .basis import batch_vjp_rows, grad_input, jvp_basis, ones_seed, output_rows, own_sample_rows, per_sample, \
+    row_seeds, vjp_of
 from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
 
 JACOBIAN = frozenset({"jacobian"})
 
 
 def _sum_rev(p: Problem, chunk: int | None) -> Tensor:
-    # Batch-independent f: the gradient of the batch-summed output w.r.t. x[b] is sample b's.
-    jac = vjp_basis(lambda x: p.f(x).sum(0), p.x, chunk)  # (*out, B, *in)
-    return batch_first(jac, jac.dim() - p.x.dim())
+    # Batch-independent f: one vector-Jacobian product seeded with output coordinate i on every
+    # sample gives row i of every sample's Jacobian (torch.func, vmapped over the rows).
+    jac = batch_vjp_rows(p.f, p.x, chunk)  # (*out, B, *in)
+    return jac.movedim(jac.dim() - p.x.dim(), 0)
 
 
 def _sum_grad(p: Problem, chunk: int | None) -> Tensor:
-    # sum_rev with plain autograd: less per-call overhead than torch.func on small problems.
-    with torch.enable_grad():
-        x = grad_input(p)
-        y = p.f(x)
-        summed = y.sum(0)
-        if not y.requires_grad or summed.numel() == 0:
-            return x.new_zeros(*y.shape, *x.shape[1:])
-        pieces = []
-        for start, stop in spans(summed.numel(), chunk):
-            seeds = one_hot_rows(start, stop, tuple(summed.shape), summed)
-            (rows,) = torch.autograd.grad(summed, x, seeds, retain_graph=True, create_graph=p.create_graph,
-                                          is_grads_batched=True, materialize_grads=True)
-            pieces.append(rows)  # (k, B, *in)
-    jac = joined(pieces).reshape(*summed.shape, *x.shape)
-    return batch_first(jac, summed.dim())
+    # sum_rev in plain autograd (is_grads_batched): less per-call overhead than torch.func.
+    x = grad_input(p)
+    y = p.f(x)
+    out_shape = tuple(y.shape[1:])
+    if not y.requires_grad or y.numel() == 0:
+        return x.new_zeros(*y.shape, *x.shape[1:])
+    rows = output_rows(y, x, chunk, p.create_graph)  # (m, B, *in)
+    return rows.view(*out_shape, *x.shape).movedim(len(out_shape), 0)
 
 
 def _sum_fwd(p: Problem, chunk: int | None) -> Tensor:
@@ -48,45 +42,35 @@ def _sum_fwd(p: Problem, chunk: int | None) -> Tensor:
 
 
 def _vmap_rev(p: Problem, chunk: int | None) -> Tensor:
-    f_one = one_sample(p.f)
-    return vmap(lambda xi: vjp_basis(f_one, xi, chunk))(p.x)
+    return per_sample(p, lambda f_one: jacrev(f_one, chunk_size=chunk))
 
 
 def _vmap_fwd(p: Problem, chunk: int | None) -> Tensor:
-    f_one = one_sample(p.f)
-    return vmap(lambda xi: jvp_basis(f_one, xi, chunk))(p.x)
+    if chunk is None:
+        return per_sample(p, jacfwd)
+    return per_sample(p, lambda f_one: lambda xi: jvp_basis(f_one, xi, chunk))
 
 
 def _loop_rev(p: Problem, chunk: int | None) -> Tensor:
-    # No vmap anywhere: one autograd.grad per output coordinate of the batch-summed output.
-    with torch.enable_grad():
-        x = grad_input(p)
-        y = p.f(x)
-        out_shape = tuple(y.shape[1:])
-        outputs = y.sum(0).reshape(-1)
-        if not y.requires_grad:
-            return x.new_zeros(*y.shape, *x.shape[1:])
-        last = outputs.numel() - 1
-        rows = (
-            torch.autograd.grad(outputs[i], x, retain_graph=p.create_graph or i < last,
-                                create_graph=p.create_graph, materialize_grads=True)[0]
-            for i in range(outputs.numel())
-        )
-        if p.create_graph:
-            jac = torch.stack(list(rows))
-        else:
-            jac = x.new_empty(outputs.numel(), *x.shape)
-            for i, row in enumerate(rows):
-                jac[i] = row
-    return batch_first(jac.view(*out_shape, *x.shape), len(out_shape))
+    # No vmap anywhere: one autograd.grad per output coordinate, seeded on every sample at once.
+    x = grad_input(p)
+    y = p.f(x)
+    out_shape = tuple(y.shape[1:])
+    if not y.requires_grad or y.numel() == 0:
+        return x.new_zeros(*y.shape, *x.shape[1:])
+    seeds = row_seeds(out_shape, y.shape[0], y) if out_shape else (ones_seed(tuple(y.shape), y),)
+    last = len(seeds) - 1
+    rows = [vjp_of(y, x, seed, retain=i < last, create_graph=p.create_graph) for i, seed in enumerate(seeds)]
+    if len(rows) == 1:
+        return rows[0].view(x.shape[0], *out_shape, *x.shape[1:])
+    return torch.stack(rows, 1).view(x.shape[0], *out_shape, *x.shape[1:])
 
 
 def _full_diag(p: Problem, chunk: int | None) -> Tensor:
     # Rows of the whole-batch Jacobian, `chunk` at a time, keeping only each row's own sample:
     # exact for batch-coupled f, and never builds the (B*m, B*m) identity.
-    with torch.enable_grad():
-        x = grad_input(p)
-        return own_sample_rows(p.f(x), x, chunk, p.create_graph)
+    x = grad_input(p)
+    return own_sample_rows(p.f(x), x, chunk, p.create_graph)
 
 
 def _reverse_memory(s: Sizes, chunk: int | None) -> int:
@@ -118,38 +102,38 @@ def _in_basis(s: Sizes) -> int:
 
 
 register(Strategy(
-    name="sum_rev", ops=JACOBIAN, run=_sum_rev, memory=_reverse_memory, basis=_out_basis,
+    name="sum_rev", ops=JACOBIAN, run=_sum_rev, memory=_reverse_memory, basis=_out_basis, work=_out_basis,
     needs=frozenset({BATCH_INDEPENDENT}),
     summary="reverse mode on the batch-summed output: m vector-Jacobian products over the batch",
 ))
 register(Strategy(
-    name="sum_grad", ops=JACOBIAN, run=_sum_grad, memory=_reverse_memory, basis=_out_basis,
-    needs=frozenset({BATCH_INDEPENDENT}),
+    name="sum_grad", ops=JACOBIAN, run=_sum_grad, memory=_reverse_memory, basis=_out_basis, work=_out_basis,
+    needs=frozenset({BATCH_INDEPENDENT}), autograd=True,
     summary="sum_rev with torch.autograd.grad(is_grads_batched=True) instead of torch.func",
 ))
 register(Strategy(
-    name="sum_fwd", ops=JACOBIAN, run=_sum_fwd, memory=_forward_memory, basis=_in_basis,
+    name="sum_fwd", ops=JACOBIAN, run=_sum_fwd, memory=_forward_memory, basis=_in_basis, work=_in_basis,
     needs=frozenset({BATCH_INDEPENDENT}),
     summary="forward mode with each input basis vector broadcast over the batch: n JVPs",
 ))
 register(Strategy(
-    name="vmap_rev", ops=JACOBIAN, run=_vmap_rev, memory=_reverse_memory, basis=_out_basis,
+    name="vmap_rev", ops=JACOBIAN, run=_vmap_rev, memory=_reverse_memory, basis=_out_basis, work=_out_basis,
     needs=frozenset({BATCH_INDEPENDENT, VMAP}),
     summary="vmap over samples of reverse mode on one sample (vmap(jacrev(f)))",
 ))
 register(Strategy(
-    name="vmap_fwd", ops=JACOBIAN, run=_vmap_fwd, memory=_forward_memory, basis=_in_basis,
+    name="vmap_fwd", ops=JACOBIAN, run=_vmap_fwd, memory=_forward_memory, basis=_in_basis, work=_in_basis,
     needs=frozenset({BATCH_INDEPENDENT, VMAP}),
     summary="vmap over samples of forward mode on one sample (vmap(jacfwd(f)))",
 ))
 register(Strategy(
-    name="loop_rev", ops=JACOBIAN, run=_loop_rev, memory=_loop_memory,
-    needs=frozenset({BATCH_INDEPENDENT}),
+    name="loop_rev", ops=JACOBIAN, run=_loop_rev, memory=_loop_memory, work=_out_basis,
+    needs=frozenset({BATCH_INDEPENDENT}), autograd=True,
     summary="one autograd.grad per output coordinate of the batch-summed output; no vmap",
 ))
 register(Strategy(
     name="full_diag", ops=JACOBIAN, run=_full_diag, memory=_full_diag_memory,
-    basis=lambda s: s.batch * s.m, chunks=(None, 64, 16, 1), coupled_only=True,
+    basis=lambda s: s.batch * s.m, chunks=(None, 64, 16, 1), coupled_only=True, autograd=True,
     summary="rows of the whole-batch Jacobian, keeping each sample's diagonal block; "
             "exact for batch-coupled f",
 ))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,6 +41,10 @@ class Strategy:
     memory: Callable[[Sizes, int | None], int]  # (sizes, chunk) -> estimated peak bytes
     needs: frozenset[str] = frozenset()
     basis: Callable[[Sizes], int] | None = None  # length of the basis a chunk splits
+    # The cost model: how many passes' worth of vector products over f it makes (reverse mode: one
+    # per output coordinate; forward mode: one per input coordinate). Strategies whose work is far
+    # above the least are not timed. None: not compared.
+    work: Callable[[Sizes], float] | None = None
     chunks: tuple[int | None, ...] = CHUNKS
     # Used only when no strategy needing batch independence applies (it does B times the work).
     coupled_only: bool = False
@@ -47,6 +52,10 @@ class Strategy:
     # For strategies that serve only some f (a model structure they recognize): "" if the
     # problem suits them, else why not. Checked when listing candidates, never on the hot path.
     applies: Callable[[Problem], str] | None = None
+    # True: it runs torch.autograd.grad on a graph it builds from f, so grad mode must be on. False:
+    # it computes without a graph of its own (torch.func, plain forward arithmetic), so without
+    # create_graph it runs under no_grad and builds none through the parameters.
+    autograd: bool = False
     summary: str = ""
 
     def __post_init__(self) -> None:
@@ -65,13 +74,45 @@ class Strategy:
         return shorter
 
     def __call__(self, problem: Problem, chunk: int | None = None) -> Tensor:
-        """Run the strategy: the result has x's dtype, and is detached unless problem.create_graph."""
-        grad_mode = contextlib.nullcontext() if problem.create_graph else torch.no_grad()
-        with grad_mode:
+        """Run the strategy in the grad mode it needs, whatever the caller's: the result has x's
+        dtype, and is detached unless problem.create_graph (then it stays connected to x and to
+        the parameters f uses, also when called under torch.no_grad())."""
+        if torch.is_inference_mode_enabled():
+            return self._outside_inference(problem, chunk)
+        if problem.create_graph or self.autograd:
+            if torch.is_grad_enabled():
+                result = self.run(problem, chunk)
+            else:
+                with torch.enable_grad():
+                    result = self.run(problem, chunk)
+        elif torch.is_grad_enabled():  # torch.func transforms: no graph of their own is needed
+            with torch.no_grad():
+                result = self.run(problem, chunk)
+        else:
             result = self.run(problem, chunk)
-            if result.dtype != problem.x.dtype:  # forward mode carries f's output dtype
-                result = result.to(problem.x.dtype)
-        return result if problem.create_graph else result.detach()
+        if result.dtype != problem.x.dtype:  # forward mode carries f's output dtype
+            result = result.to(problem.x.dtype)
+        if result.requires_grad and not problem.create_graph:
+            result = result.detach()
+        return result
+
+    def _outside_inference(self, problem: Problem, chunk: int | None) -> Tensor:
+        """Derivatives need autograd, which torch.inference_mode() switches off: run with it off, on
+        copies of inference tensors (autograd cannot save those); the result is a normal tensor."""
+        if problem.create_graph:
+            raise ValueError(
+                "create_graph=True cannot be honoured under torch.inference_mode(): tensors made there can never "
+                "be part of a graph. Call autojac outside inference_mode (torch.no_grad() is fine), or pass "
+                "create_graph=False")
+        with torch.inference_mode(False):
+            problem = problem.replace(x=normal_tensor(problem.x), v=normal_tensor(problem.v),
+                                      args=tuple(normal_tensor(a) for a in problem.args))
+            return self(problem, chunk)
+
+
+def normal_tensor(value: Any) -> Any:
+    """An inference tensor copied into a normal one (call with inference mode off); else value."""
+    return value.clone() if isinstance(value, Tensor) and value.is_inference() else value
 
 
 _REGISTRY: dict[str, Strategy] = {}
@@ -95,6 +136,14 @@ def heuristic(op: str, sizes: Sizes) -> list[str]:
     """Names in `op`'s heuristic order; strategies not named follow in registration order."""
     named = _HEURISTICS[op](sizes) if op in _HEURISTICS else []
     return named + [s.name for s in for_op(op) if s.name not in named]
+
+
+def check_chunk(strategy: Strategy, chunk: int | None, label: str) -> None:
+    """Refuse a chunk for a strategy that does not split a basis."""
+    if chunk is not None and strategy.basis is None:
+        raise ValueError(
+            f"strategy {label!r}: {strategy.name} takes no chunk (it does not vectorize over a basis); "
+            f"use strategy={strategy.name!r}")
 
 
 def get(name: str, op: str | None = None) -> Strategy:

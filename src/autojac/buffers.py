@@ -1,0 +1,34 @@
+"""Leaving the caller's modules as they were: autojac runs f more often than the caller asked
+(probes, tuning, checks), and BatchNorm's running statistics must end up as after one call."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class BufferSnapshot:
+    """Every buffer of some modules (BatchNorm's running statistics, say) as it was when taken."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.saved = [(b, b.detach().clone()) for m in modules for b in m.buffers(recurse=False)]
+
+    def restore(self) -> None:
+        if not self.saved:
+            return
+        with torch.no_grad():
+            for buffer, copy in self.saved:
+                buffer.copy_(copy)
+
+
+@contextlib.contextmanager
+def preserved_buffers(modules: Sequence[nn.Module]) -> Iterator[BufferSnapshot]:
+    """Restore every buffer after the block has run f (probes, tuning, checks)."""
+    snapshot = BufferSnapshot(modules)
+    try:
+        yield snapshot
+    finally:
+        snapshot.restore()
