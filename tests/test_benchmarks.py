@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder of the reposi
     sys.path.insert(0, str(ROOT))
 
 import autojac  # noqa: E402
-from autojac.api import _compute  # noqa: E402
+from autojac.api import _run  # noqa: E402
 from autojac.probes import run_probes  # noqa: E402
 from autojac.strategies import registry  # noqa: E402
 from autojac.strategies.basis import one_sample  # noqa: E402
@@ -108,8 +108,8 @@ def test_second_order_operations_are_picked_up_once_registered(tmp_path, monkeyp
         reg.add(Strategy(name="test_vmap_hessian", ops=frozenset({"hessian"}),
                          run=lambda p, c: vmap(hessian(one_sample(p.f)))(p.x), memory=lambda s, c: 0,
                          needs=frozenset({BATCH_INDEPENDENT, VMAP})))
-        monkeypatch.setattr(autojac, "hessian", lambda f, x, **kw: _compute("hessian", f, x, None, "auto", False,
-                                                                          None, None), raising=False)
+        monkeypatch.setattr(autojac, "hessian", lambda f, x, **kw: _run("hessian", f, x, None, (), None, False, None,
+                                                                      "auto", False, None, None), raising=False)
         assert run.main([*FAST, "--ops", "hessian", "--out", str(tmp_path), "--no-plot"]) == 0
         result = _load(tmp_path)
         assert result.settings.ops == ["hessian"]

@@ -1,7 +1,7 @@
 """autojac: autotuned per-sample derivatives for PyTorch."""
 
 from ._version import __version__
-from .api import explain, hessian, hessian_diag, hvp, jacobian, laplacian
+from .api import Derivatives, derivatives, divergence, explain, hessian, hessian_diag, hvp, jacobian, laplacian
 from .errors import (AutojacError, AutojacWarning, NoCandidateError, NonDeterministicError, PlanFileError,
                      PlanRequiredError)
 from .manage import ImportCounts, cache_path, clear_cache, export_plans, import_plans, plans, warm
@@ -10,6 +10,7 @@ from .models import Plan
 __all__ = [
     "AutojacError",
     "AutojacWarning",
+    "Derivatives",
     "ImportCounts",
     "NoCandidateError",
     "NonDeterministicError",
@@ -19,6 +20,8 @@ __all__ = [
     "__version__",
     "cache_path",
     "clear_cache",
+    "derivatives",
+    "divergence",
     "explain",
     "export_plans",
     "hessian",

@@ -3,28 +3,57 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
 
-from . import config
+from . import calls, config
 from .errors import AutojacError
-from .models import OPS, Plan
+from .models import DERIVATIVES, OPS, Plan
 from .planner import default_planner
-from .problem import BatchedFn, Problem, check_f, check_output, check_v, check_x, result_shape
+from .problem import BatchedFn, Problem, check_f, check_output, check_v, result_shape
 from .signature import FnInfo, Signature, describe, signature
 from .strategies.registry import normal_tensor
 
+Op = Literal["jacobian", "hessian", "hvp", "hessian_diag", "laplacian", "divergence", "derivatives"]
+Quantity = Literal["value", "jacobian", "hessian_diag", "laplacian", "hessian"]
+Inputs = Union[Tensor, Sequence[Tensor]]
+Dims = Union[Sequence[int], Tensor, None]
 
-def jacobian(f: BatchedFn, x: Tensor, *, strategy: str = "auto", create_graph: bool = False,
-             batch_independent: bool | None = None, tune: bool | None = None) -> Tensor:
+
+@dataclass(frozen=True)
+class Derivatives:
+    """What `derivatives` computed; the quantities not asked for are None. Shapes, with in = the
+    per-sample input shape (or (k,) with dims of length k):
+
+    value (B, *out); jacobian (B, *out, *in); hessian_diag (B, *out, *in); laplacian (B, *out);
+    hessian (B, *out, *in, *in); aux: f's auxiliary output with has_aux=True."""
+
+    value: Tensor | None = None
+    jacobian: Tensor | None = None
+    hessian_diag: Tensor | None = None
+    laplacian: Tensor | None = None
+    hessian: Tensor | None = None
+    aux: Any = None
+
+
+def jacobian(f: BatchedFn, x: Inputs, *, args: Sequence[Any] = (), in_dims: Any = None, has_aux: bool = False,
+             dims: Dims = None, strategy: str = "auto", create_graph: bool = False,
+             batch_independent: bool | None = None, tune: bool | None = None) -> Any:
     """Per-sample Jacobian of f at each sample of x.
 
     Args:
-        f: maps x of shape (B, *in) to a tensor of shape (B, *out); sample b's output may
-            depend on other samples only if `batch_independent` is not True.
-        x: (B, *in), floating point.
+        f: maps x of shape (B, *in) (and `args`) to a tensor of shape (B, *out); sample b's output
+            may depend on other samples only if `batch_independent` is not True.
+        x: (B, *in), floating point; or a tuple of inputs (B, *in_i), for f(x_1, x_2, ...).
+        args: f's extra positional arguments, f(x, *args), not differentiated.
+        in_dims: each argument's batch dimension, torch.vmap's convention over (x, *args); by
+            default 0 for tensors whose first dimension is B, None (shared) for the rest.
+        has_aux: f returns (output, aux); the result is then (derivative, aux).
+        dims: flat indices into *in: differentiate w.r.t. those coordinates only.
         strategy: "auto" (measure once, then reuse the fastest) or a strategy name, e.g.
             "sum_rev" or "sum_rev[chunk=16]", used as is after checking it suits f.
         create_graph: make the result differentiable w.r.t. x and f's parameters.
@@ -32,76 +61,142 @@ def jacobian(f: BatchedFn, x: Tensor, *, strategy: str = "auto", create_graph: b
         tune: None follows AUTOJAC_TUNE (default on); False never benchmarks.
 
     Returns:
-        (B, *out, *in): J[b] = d f(x)[b] / d x[b]; for f returning (B,), (B, *in).
+        (B, *out, *in): J[b] = d f(x)[b] / d x[b]; for f returning (B,), (B, *in); with dims of
+        length k, (B, *out, k); for a tuple of inputs, a tuple of Jacobians (B, *out, *in_i).
     """
-    return _compute("jacobian", f, x, None, strategy, create_graph, batch_independent, tune)
+    return _run("jacobian", f, x, None, args, in_dims, has_aux, dims, strategy, create_graph, batch_independent,
+                tune)
 
 
-def hessian(f: BatchedFn, x: Tensor, *, strategy: str = "auto", create_graph: bool = False,
-            batch_independent: bool | None = None, tune: bool | None = None) -> Tensor:
+def hessian(f: BatchedFn, x: Tensor, *, args: Sequence[Any] = (), in_dims: Any = None, has_aux: bool = False,
+            dims: Dims = None, strategy: str = "auto", create_graph: bool = False,
+            batch_independent: bool | None = None, tune: bool | None = None) -> Any:
     """Per-sample Hessian of each output element of f at each sample of x.
 
-    Args: as for `jacobian`.
+    Args: as for `jacobian` (one input tensor).
 
     Returns:
-        (B, *out, *in, *in): H[b, k] = d^2 f(x)[b, k] / d x[b]^2; for f returning (B,), (B, *in, *in).
+        (B, *out, *in, *in): H[b, k] = d^2 f(x)[b, k] / d x[b]^2; for f returning (B,), (B, *in, *in);
+        with dims of length k, (B, *out, k, k).
     """
-    return _compute("hessian", f, x, None, strategy, create_graph, batch_independent, tune)
+    return _run("hessian", f, x, None, args, in_dims, has_aux, dims, strategy, create_graph, batch_independent,
+                tune)
 
 
-def hvp(f: BatchedFn, x: Tensor, v: Tensor, *, strategy: str = "auto", create_graph: bool = False,
-        batch_independent: bool | None = None, tune: bool | None = None) -> Tensor:
+def hvp(f: BatchedFn, x: Tensor, v: Tensor, *, args: Sequence[Any] = (), in_dims: Any = None,
+        has_aux: bool = False, dims: Dims = None, strategy: str = "auto", create_graph: bool = False,
+        batch_independent: bool | None = None, tune: bool | None = None) -> Any:
     """Per-sample Hessian-vector product of each output element of f, without building a Hessian.
 
     Args:
-        v: (B, *in), x's shape, dtype and device: one direction per sample.
-        The others as for `jacobian`.
+        v: (B, *in), x's shape, dtype and device: one direction per sample ((B, k) with dims).
+        The others as for `jacobian` (one input tensor).
 
     Returns:
         (B, *out, *in): Hv[b, k] = H[b, k] @ v[b]; for f returning (B,), (B, *in).
     """
-    return _compute("hvp", f, x, v, strategy, create_graph, batch_independent, tune)
+    return _run("hvp", f, x, v, args, in_dims, has_aux, dims, strategy, create_graph, batch_independent, tune)
 
 
-def hessian_diag(f: BatchedFn, x: Tensor, *, strategy: str = "auto", create_graph: bool = False,
-                 batch_independent: bool | None = None, tune: bool | None = None) -> Tensor:
+def hessian_diag(f: BatchedFn, x: Tensor, *, args: Sequence[Any] = (), in_dims: Any = None,
+                 has_aux: bool = False, dims: Dims = None, strategy: str = "auto", create_graph: bool = False,
+                 batch_independent: bool | None = None, tune: bool | None = None) -> Any:
     """Diagonal of each per-sample Hessian: the pure second derivatives d^2 f[b, k] / d x[b, i]^2.
 
-    Args: as for `jacobian`.
+    Args: as for `jacobian` (one input tensor).
 
     Returns:
-        (B, *out, *in); for f returning (B,), (B, *in).
+        (B, *out, *in); for f returning (B,), (B, *in); with dims of length k, (B, *out, k).
     """
-    return _compute("hessian_diag", f, x, None, strategy, create_graph, batch_independent, tune)
+    return _run("hessian_diag", f, x, None, args, in_dims, has_aux, dims, strategy, create_graph,
+                batch_independent, tune)
 
 
-def laplacian(f: BatchedFn, x: Tensor, *, strategy: str = "auto", create_graph: bool = False,
-              batch_independent: bool | None = None, tune: bool | None = None) -> Tensor:
-    """Laplacian (trace of the Hessian) of each output element of f at each sample of x.
+def laplacian(f: BatchedFn, x: Tensor, *, args: Sequence[Any] = (), in_dims: Any = None, has_aux: bool = False,
+              dims: Dims = None, strategy: str = "auto", create_graph: bool = False,
+              batch_independent: bool | None = None, tune: bool | None = None) -> Any:
+    """Laplacian (trace of the Hessian) of each output element of f at each sample of x; with dims,
+    over those coordinates only (the spatial Laplacian of a space-time network, say).
 
-    Args: as for `jacobian`.
+    Args: as for `jacobian` (one input tensor).
 
     Returns:
         (B, *out): sum_i d^2 f(x)[b, k] / d x[b, i]^2; for f returning (B,), (B,).
     """
-    return _compute("laplacian", f, x, None, strategy, create_graph, batch_independent, tune)
+    return _run("laplacian", f, x, None, args, in_dims, has_aux, dims, strategy, create_graph, batch_independent,
+                tune)
 
 
-def explain(f: BatchedFn, x: Tensor, op: str = "jacobian", *, v: Tensor | None = None,
-            create_graph: bool = False, batch_independent: bool | None = None,
-            tune: bool | None = None) -> Plan:
-    """The plan that `op` ("jacobian", "hessian", "hvp" with its v, "hessian_diag" or "laplacian")
-    uses for f at a batch shaped like x, making it if needed (a batch size within 2x of a tuned
-    one reuses that plan, untimed: `plan.tuned_batch` says which)."""
-    return plan_for(op, f, x, v=v, create_graph=create_graph, batch_independent=batch_independent, tune=tune)
+def divergence(f: BatchedFn, x: Tensor, *, args: Sequence[Any] = (), in_dims: Any = None, has_aux: bool = False,
+               estimator: Literal["exact", "hutchinson"] = "exact", samples: int = 1,
+               generator: torch.Generator | None = None, strategy: str = "auto", create_graph: bool = False,
+               batch_independent: bool | None = None, tune: bool | None = None) -> Any:
+    """Divergence of a vector field: the trace of each per-sample Jacobian, for f whose per-sample
+    output has x's per-sample shape (a flow's velocity field, say).
+
+    Args:
+        estimator: "exact" (default; tuned like every operation) or "hutchinson": the stochastic
+            estimate mean_s eps_s^T J[b] eps_s over `samples` Rademacher probes per sample, drawn
+            from `generator` (reproducible with one), differentiable, unbiased; never chosen for you,
+            since it changes the answer.
+        The others as for `jacobian` (one input tensor).
+
+    Returns:
+        (B,): sum_i d f(x)[b, i] / d x[b, i].
+    """
+    if estimator == "hutchinson":
+        return _hutchinson(f, x, args, in_dims, has_aux, samples, generator, create_graph)
+    if estimator != "exact":
+        raise ValueError(f"estimator must be 'exact' or 'hutchinson'; got {estimator!r}")
+    return _run("divergence", f, x, None, args, in_dims, has_aux, None, strategy, create_graph, batch_independent,
+                tune)
 
 
-def plan_for(op: str, f: BatchedFn, x: Tensor, *, v: Tensor | None = None, create_graph: bool = False,
+def derivatives(f: BatchedFn, x: Tensor, ops: Sequence[Quantity] = ("value", "jacobian", "laplacian"), *,
+                args: Sequence[Any] = (), in_dims: Any = None, has_aux: bool = False, dims: Dims = None,
+                strategy: str = "auto", create_graph: bool = False, batch_independent: bool | None = None,
+                tune: bool | None = None) -> Derivatives:
+    """Several derivatives of f at once, with one plan for the set: strategies that compute them
+    together share the work (one forward pass, one first backward pass; the structure-aware
+    engine carries the value, the Jacobian and the Laplacian in one pass).
+
+    Args:
+        ops: any of "value", "jacobian", "hessian_diag", "laplacian", "hessian".
+        The others as for `jacobian` (one input tensor).
+
+    Returns:
+        A `Derivatives` with those fields set (the others None).
+    """
+    want = _checked_quantities(ops)
+    found = _run("derivatives", f, x, None, args, in_dims, has_aux, dims, strategy, create_graph, batch_independent,
+                 tune, want)
+    results, aux = found if has_aux else (found, None)
+    return Derivatives(**dict(zip(want, results)), aux=aux)
+
+
+def explain(f: BatchedFn, x: Inputs, op: Op = "jacobian", *, v: Tensor | None = None, args: Sequence[Any] = (),
+            in_dims: Any = None, has_aux: bool = False, dims: Dims = None,
+            ops: Sequence[Quantity] = ("value", "jacobian", "laplacian"), create_graph: bool = False,
+            batch_independent: bool | None = None, tune: bool | None = None) -> Plan:
+    """The plan that `op` ("jacobian", "hessian", "hvp" with its v, "hessian_diag", "laplacian",
+    "divergence", or "derivatives" of `ops`) uses for f at a batch shaped like x, making it if
+    needed (a batch size within 2x of a tuned one reuses that plan, untimed: `plan.tuned_batch`
+    says which). The other arguments as for the operation."""
+    return plan_for(op, f, x, v=v, args=args, in_dims=in_dims, has_aux=has_aux, dims=dims, ops=ops,
+                    create_graph=create_graph, batch_independent=batch_independent, tune=tune)
+
+
+def plan_for(op: str, f: BatchedFn, x: Inputs, *, v: Tensor | None = None, args: Sequence[Any] = (),
+             in_dims: Any = None, has_aux: bool = False, dims: Dims = None,
+             ops: Sequence[str] = ("value", "jacobian", "laplacian"), create_graph: bool = False,
              batch_independent: bool | None = None, tune: bool | None = None, nearby: bool = True) -> Plan:
     """`explain`; with `nearby` False a plan tuned at another batch size is not reused (warming
     makes a plan of its own for every batch size it is given)."""
+    want = _checked_quantities(ops) if op == "derivatives" else ()
     with _autograd_available(create_graph):
-        problem, sig, info = _prepare(op, f, _normal(x), _normal(v), "auto", create_graph, batch_independent, tune)
+        call, sig, info = _prepare(op, f, x, v, args, in_dims, has_aux, dims, "auto", create_graph,
+                                   batch_independent, tune, want)
+        problem = call.problem
         planner = default_planner()
         tuning = config.tuning_enabled(tune)
         plan = planner.cached(sig, problem)
@@ -117,34 +212,74 @@ def plan_for(op: str, f: BatchedFn, x: Tensor, *, v: Tensor | None = None, creat
 _peek_transform = torch._C._functorch.peek_interpreter_stack
 
 
-def _compute(op: str, f: BatchedFn, x: Tensor, v: Tensor | None, strategy: str, create_graph: bool,
-             batch_independent: bool | None, tune: bool | None) -> Tensor:
+def _run(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], in_dims: Any, has_aux: bool,
+         dims: Dims, strategy: str, create_graph: bool, batch_independent: bool | None, tune: bool | None,
+         want: tuple[str, ...] = ()) -> Any:
+    plain = type(args) is tuple and not args and in_dims is None and has_aux is False and dims is None and not want
     glance = None
-    if strategy == "auto" and isinstance(x, Tensor) and (create_graph is True or create_graph is False) \
-            and _peek_transform() is None:
+    if strategy == "auto" and (create_graph is True or create_graph is False) and _peek_transform() is None:
         # The hot path: a plan served to this f for a call that looks the same (an x like this one
         # was checked when the entry was made; f's guards are checked on every call).
-        glance = (op, x.shape, x.dtype, x.device, x.layout, create_graph, batch_independent, tune)
-        entry = default_planner().serve(f, glance)
-        if entry is not None:
-            if v is not None or op == "hvp":
-                _check_direction(op, v, x)
-            return entry(Problem(op, f, x, v, create_graph))
+        if plain and isinstance(x, Tensor):
+            glance = (op, x.shape, x.dtype, x.device, x.layout, create_graph, batch_independent, tune)
+            entry = default_planner().serve(f, glance)
+            if entry is not None:
+                if v is not None or op == "hvp":
+                    _check_direction(op, v, x)
+                return entry(Problem(op, f, x, v, create_graph))
+        elif not plain:
+            extra = calls.glance(args, in_dims, has_aux, dims, x)
+            first = x[0] if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor) else x
+            if extra is not None and isinstance(first, Tensor):
+                glance = (op, first.shape, first.dtype, first.device, first.layout, create_graph, batch_independent,
+                          tune, extra, want)
+                entry = default_planner().serve(f, glance)
+                if entry is not None:
+                    call = calls.reduce(op, f, x, v, create_graph, args=args, in_dims=in_dims, has_aux=has_aux,
+                                        dims=dims)
+                    call.problem.want = want
+                    if v is not None or op == "hvp":
+                        _check_direction(op, call.problem.v, call.problem.x)
+                    return _finish(call, entry(call.problem))
     with _autograd_available(create_graph):
-        return _slow(op, f, x, v, strategy, create_graph, batch_independent, tune, glance)
+        return _slow(op, f, x, v, args, in_dims, has_aux, dims, strategy, create_graph, batch_independent, tune,
+                     want, glance)
 
 
-def _slow(op: str, f: BatchedFn, x: Tensor, v: Tensor | None, strategy: str, create_graph: bool,
-          batch_independent: bool | None, tune: bool | None, glance: tuple | None) -> Tensor:
-    problem, sig, info = _prepare(op, f, _normal(x), _normal(v), strategy, create_graph, batch_independent, tune)
-    if problem.x.numel() == 0:
-        return _empty(problem)
+def _slow(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], in_dims: Any, has_aux: bool,
+          dims: Dims, strategy: str, create_graph: bool, batch_independent: bool | None, tune: bool | None,
+          want: tuple[str, ...], glance: tuple | None) -> Any:
+    call, sig, info = _prepare(op, f, x, v, args, in_dims, has_aux, dims, strategy, create_graph, batch_independent,
+                               tune, want)
+    problem = call.problem
     planner = default_planner()
+    if problem.x.numel() == 0:
+        return _finish(call, _empty(problem))
+    if op == "divergence":
+        _check_square(planner.probes(sig, problem).out_shape, problem.in_shape)
     if strategy != "auto":
         chosen, chunk = planner.forced(sig, problem, strategy)
-        return chosen(problem, chunk)
+        _reset(call)
+        return _finish(call, chosen(problem, chunk))
     entry, result = planner.entry(problem, sig, info, tune, glance)
-    return result if result is not None else entry(problem)
+    if result is None or call.aux is not None:  # aux must come from the answer's own forward pass
+        _reset(call)
+        result = entry(problem)
+    return _finish(call, result)
+
+
+def _reset(call: calls.Call) -> None:
+    if call.aux is not None:
+        call.aux.reset()
+
+
+def _finish(call: calls.Call, result: Any) -> Any:
+    """The canonical result mapped back to the caller's call (split per input; with f's aux)."""
+    result = call.unpack(result)
+    if call.aux is None:
+        return result
+    problem = call.problem
+    return result, call.aux.result(lambda: problem.f(problem.x), problem.create_graph)
 
 
 @contextlib.contextmanager
@@ -164,30 +299,37 @@ def _autograd_available(create_graph: bool) -> Iterator[None]:
         yield
 
 
-def _normal(value: Tensor | None) -> Tensor | None:
-    """An inference tensor as a normal one (autograd cannot use it); anything else as it is."""
-    return normal_tensor(value) if torch.is_inference_mode_enabled() is False else value
+def _normal(value: Any) -> Any:
+    """Inference tensors as normal ones (autograd cannot use them); anything else as it is."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(normal_tensor(v) for v in value)
+    return normal_tensor(value)
 
 
-def _prepare(op: str, f: BatchedFn, x: Tensor | None, v: Tensor | None, strategy: str, create_graph: bool,
-             batch_independent: bool | None, tune: bool | None) -> tuple[Problem, Signature, FnInfo]:
+def _prepare(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], in_dims: Any, has_aux: bool,
+             dims: Dims, strategy: str, create_graph: bool, batch_independent: bool | None, tune: bool | None,
+             want: tuple[str, ...]) -> tuple[calls.Call, Signature, FnInfo]:
     if op not in OPS:
         raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
     check_f(f)
-    check_x(x)
-    assert isinstance(x, Tensor)
-    _check_direction(op, v, x)
-    _check_options(strategy, create_graph, batch_independent, tune)
+    _check_options(strategy, create_graph, batch_independent, tune, has_aux)
     if _peek_transform() is not None:
         raise AutojacError(
             "autojac cannot run inside a torch.func transform (vmap, grad, jacrev, jvp, ...): it differentiates "
             "with torch.autograd and times its strategies, which a transform's wrapped tensors do not allow. Call "
             "autojac outside the transform, or compute the derivative inside it with torch.func itself (for "
             "per-sample Jacobians: torch.func.vmap(torch.func.jacrev(f_one_sample)))")
+    args = _normal(tuple(args)) if isinstance(args, (tuple, list)) else args
+    call = calls.reduce(op, f, _normal(x), _normal(v), create_graph, args=args, in_dims=in_dims, has_aux=has_aux,
+                        dims=dims)
+    problem = call.problem
+    problem.want = want
+    _check_direction(op, problem.v, problem.x)
     info = describe(f)
-    problem = Problem(op, f, x, v, create_graph)
-    return problem, signature(op, f, x, create_graph=create_graph, batch_independent=batch_independent,
-                              info=info), info
+    spec = ";".join(part for part in (call.spec, "ops=" + ",".join(want) if want else "") if part)
+    sig = signature(op, f, problem.x, create_graph=create_graph, batch_independent=batch_independent, call=spec,
+                    info=info)
+    return call, sig, info
 
 
 def _check_direction(op: str, v: Tensor | None, x: Tensor) -> None:
@@ -200,18 +342,60 @@ def _check_direction(op: str, v: Tensor | None, x: Tensor) -> None:
         raise ValueError(f"v is used only by op='hvp', not by op={op!r}; leave it out")
 
 
-def _check_options(strategy: object, create_graph: object, batch_independent: object, tune: object) -> None:
+def _check_options(strategy: object, create_graph: object, batch_independent: object, tune: object,
+                   has_aux: object = False) -> None:
     if not isinstance(strategy, str):
         raise TypeError(f"strategy must be a string ('auto' or a strategy name); got {type(strategy).__name__}")
-    if not isinstance(create_graph, bool):
-        raise TypeError(f"create_graph must be True or False; got {create_graph!r}")
+    for name, value in (("create_graph", create_graph), ("has_aux", has_aux)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False; got {value!r}")
     for name, value in (("batch_independent", batch_independent), ("tune", tune)):
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name} must be None, True or False; got {value!r}")
 
 
-def _empty(problem: Problem) -> Tensor:
+def _checked_quantities(ops: Sequence[str]) -> tuple[str, ...]:
+    """The quantities asked of `derivatives`, in their canonical order."""
+    if isinstance(ops, str):
+        raise TypeError(f"ops must be a sequence of quantities, e.g. ({ops!r},); got the string {ops!r}")
+    unknown = [op for op in ops if op not in DERIVATIVES]
+    if unknown or not ops:
+        raise ValueError(f"ops must name some of {', '.join(DERIVATIVES)}; got {list(ops)!r}")
+    return tuple(q for q in DERIVATIVES if q in ops)
+
+
+def _check_square(out_shape: tuple[int, ...], in_shape: tuple[int, ...]) -> None:
+    if out_shape != in_shape:
+        raise ValueError(f"the divergence needs f's per-sample output shape to equal its input's: f maps (B, "
+                         f"*{in_shape}) to (B, *{out_shape}). For other outputs use autojac.jacobian")
+
+
+def _empty(problem: Problem) -> Any:
     """An empty batch or per-sample input: nothing to differentiate, only shapes to get right."""
     x = problem.x
     out_shape = check_output(problem.f(x.detach()), x)
+    if problem.op == "derivatives":
+        return tuple(x.new_zeros(result_shape(q, x.shape[0], out_shape, problem.in_shape)) for q in problem.want)
     return x.new_zeros(result_shape(problem.op, x.shape[0], out_shape, problem.in_shape))
+
+
+def _hutchinson(f: BatchedFn, x: Tensor, args: Sequence[Any], in_dims: Any, has_aux: bool, samples: int,
+                generator: torch.Generator | None, create_graph: bool) -> Any:
+    """Hutchinson's estimate of every sample's divergence: (B,), see `divergence`."""
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ValueError(f"samples must be a positive int (probes per sample); got {samples!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    with _autograd_available(create_graph):
+        check_f(f)
+        _check_options("auto", create_graph, None, None, has_aux)
+        call = calls.reduce("divergence", f, _normal(x), None, create_graph, args=_normal(tuple(args)),
+                            in_dims=in_dims, has_aux=has_aux)
+        problem = call.problem
+        from .strategies.divergence import hutchinson  # the one module that knows how
+
+        with torch.enable_grad():
+            result = hutchinson(problem, samples, generator)
+        if not create_graph:
+            result = result.detach()
+        return _finish(call, result)

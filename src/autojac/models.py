@@ -11,7 +11,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
-OPS = ("jacobian", "hessian", "hvp", "hessian_diag", "laplacian")
+OPS = ("jacobian", "hessian", "hvp", "hessian_diag", "laplacian", "divergence", "derivatives")
+# What `derivatives` can compute together, in the order its results come in.
+DERIVATIVES = ("value", "jacobian", "hessian_diag", "laplacian", "hessian")
 FILE_FORMAT = "autojac-plans"
 # Bumped whenever Plan or PlanFile change incompatibly; part of every cache key and file name.
 FORMAT_VERSION = 2

@@ -64,13 +64,20 @@ def finite_abs_max(b: Tensor) -> float:
     return float(finite.abs().max()) if finite.numel() else 0.0
 
 
-def agree(a: Tensor, b: Tensor, dtype: torch.dtype | None = None, order: int = 1) -> tuple[bool, float, float]:
+def agree(a: Tensor | tuple[Tensor, ...], b: Tensor | tuple[Tensor, ...], dtype: torch.dtype | None = None,
+          order: int = 1) -> tuple[bool, float, float]:
     """Whether a matches the reference b: (ok, max difference, allowed difference).
 
     NaN positions must match, infinities must match with sign, and finite values must be
     within the tolerance of `dtype` (the dtype the results were computed in; b's by default) and
-    of derivatives of `order`, relative to the reference's largest finite magnitude.
+    of derivatives of `order`, relative to the reference's largest finite magnitude. Tuples of
+    results (several quantities) agree where every pair does; the worst pair is reported.
     """
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        if not (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b)):
+            return False, float("inf"), 0.0
+        verdicts = [agree(x, y, dtype, order) for x, y in zip(a, b)]
+        return all(v[0] for v in verdicts), *max(verdicts, key=lambda v: (not v[0], v[1] - v[2]))[1:]  # type: ignore[return-value]
     diff = max_difference(a, b)
     allowed = tolerance(b.dtype if dtype is None else dtype, order) * finite_abs_max(b) + torch.finfo(b.dtype).tiny
     return diff <= allowed, diff, allowed

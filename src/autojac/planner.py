@@ -281,7 +281,7 @@ class Planner:
             modules = describe(problem_f(problem)).modules()
             check_devices(modules, problem.x)
             with preserved_buffers(modules):
-                found = run_probes(problem.f, problem.x, sig.batch_independent)
+                found = run_probes(problem.f, problem.x, sig.batch_independent, problem)
             self._probes[key] = found
         return found
 
@@ -453,7 +453,7 @@ class Planner:
         try:
             outcome = choose(pool, run, clock=clock, settings=settings, tune=tune, started=started,
                              chunk_first_above=memory.chunk_first_above(problem.x.device),
-                             dtype=dtype, order=1 if sig.op == "jacobian" else 2, references=references)
+                             dtype=dtype, order=trust.order(sig.op), references=references)
             kept = not tune
         except NoCandidateError as error:
             reasons = {**excluded, **error.reasons}
@@ -568,13 +568,15 @@ class _BackwardPass:
     def __init__(self) -> None:
         self.leaves: list[Tensor] | None = None
 
-    def __call__(self, result: Tensor) -> None:
-        if not result.requires_grad:
+    def __call__(self, result: Tensor | tuple[Tensor, ...]) -> None:
+        results = [r for r in (result if isinstance(result, tuple) else (result,)) if r.requires_grad]
+        if not results:
             return
+        loss = sum(r.sum() for r in results)
         if self.leaves is None:
-            self.leaves = _graph_leaves(result)
+            self.leaves = _graph_leaves(loss)  # type: ignore[arg-type]
         if self.leaves:
-            torch.autograd.grad(result.sum(), self.leaves, allow_unused=True, retain_graph=True)
+            torch.autograd.grad(loss, self.leaves, allow_unused=True, retain_graph=True)
 
 
 def _graph_leaves(result: Tensor) -> list[Tensor]:

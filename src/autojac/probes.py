@@ -21,8 +21,8 @@ from torch import Tensor
 from torch.func import vmap
 
 from .numerics import agree
-from .problem import BatchedFn, check_output
-from .strategies.basis import one_sample
+from .problem import BatchedFn, Problem, check_output
+from .strategies.basis import one_sample, per_sample
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,10 @@ class Probes:
     nondeterminism: str = ""  # how two calls differed, when they did
 
 
-def run_probes(f: BatchedFn, x: Tensor, batch_independent: bool | None = None) -> Probes:
-    """Run f a few times on a copy of x and report what it is; see the module docstring."""
+def run_probes(f: BatchedFn, x: Tensor, batch_independent: bool | None = None,
+               problem: Problem | None = None) -> Probes:
+    """Run f a few times on a copy of x and report what it is; see the module docstring. With the
+    call's `problem`, the vmap probe slices its extra arguments per sample too."""
     x = x.detach()
     copy = x.clone()  # f runs on a copy: an f that writes into its input cannot touch the caller's x
     with torch.enable_grad():
@@ -60,7 +62,7 @@ def run_probes(f: BatchedFn, x: Tensor, batch_independent: bool | None = None) -
     _check_unchanged(copy, x)
     same, diff, allowed = agree(again, y.detach())
     nondeterminism = "" if same else f"two calls on the same x differ by up to {diff:.3g} (allowed {allowed:.3g})"
-    vmap_error = _vmap_error(f, copy, y.detach())
+    vmap_error = _vmap_error(f, copy, y.detach(), problem)
     return Probes(
         out_shape=out_shape, batch_independent=independent, vmap_ok=not vmap_error,
         deterministic=same, activations=saved.total, out_dtype=y.dtype, coupling=coupling, vmap_error=vmap_error,
@@ -214,11 +216,14 @@ def _pullback(y: Tensor, xg: Tensor, seed: Tensor) -> Tensor | None:
     return grad
 
 
-def _vmap_error(f: BatchedFn, x: Tensor, y: Tensor) -> str:
+def _vmap_error(f: BatchedFn, x: Tensor, y: Tensor, problem: Problem | None = None) -> str:
     """Empty if vmap over single samples works and agrees with f, else the reason."""
     try:
         with torch.no_grad():
-            single = vmap(one_sample(f))(x[:1])
+            if problem is None:
+                single = vmap(one_sample(f))(x[:1])
+            else:
+                single = per_sample(problem.head(1).replace(x=x[:1]), lambda f_one: f_one)
     except Exception as error:  # any failure means "do not use vmap": the reason is reported
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
     same, diff, _ = agree(single, y[:1])

@@ -30,6 +30,7 @@ class Problem:
     base: Callable[..., Tensor] | None = None  # f before its extra arguments were bound (None: f itself)
     args: tuple[Any, ...] = ()
     arg_dims: tuple[int | None, ...] = ()
+    want: tuple[str, ...] = ()  # derivatives only: the quantities asked for, in models.DERIVATIVES' order
 
     @property
     def batch(self) -> int:
@@ -43,6 +44,17 @@ class Problem:
     def n(self) -> int:
         """Number of input elements per sample."""
         return math.prod(self.x.shape[1:])
+
+    def head(self, count: int) -> Problem:
+        """The same call on the first `count` samples (extra arguments with a batch dimension cut too)."""
+        if count >= self.batch:
+            return self
+        v = None if self.v is None else self.v[:count]
+        if self.base is None or not self.args:
+            return self.replace(x=self.x[:count], v=v)
+        base = self.base
+        args = tuple(a if d is None else a.narrow(d, 0, count) for a, d in zip(self.args, self.arg_dims))
+        return self.replace(x=self.x[:count], v=v, args=args, f=lambda x: base(x, *args))
 
     def replace(self, **changes: Any) -> Problem:
         """A copy with some fields changed (another x, say)."""
@@ -74,10 +86,13 @@ class Sizes:
 
 
 def result_shape(op: str, batch: int, out_shape: tuple[int, ...], in_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of `op`'s result: (B, *out, *in) for jacobian, hvp and hessian_diag; (B, *out, *in, *in)
-    for hessian; (B, *out) for laplacian."""
+    """Shape of `op`'s result (or of one quantity of `derivatives`): (B, *out, *in) for jacobian, hvp
+    and hessian_diag; (B, *out, *in, *in) for hessian; (B, *out) for laplacian and value; (B,) for
+    divergence."""
+    if op == "divergence":
+        return (batch,)
     tails = {"jacobian": in_shape, "hvp": in_shape, "hessian_diag": in_shape,
-             "hessian": in_shape + in_shape, "laplacian": ()}
+             "hessian": in_shape + in_shape, "laplacian": (), "value": ()}
     return (batch, *out_shape, *tails[op])
 
 

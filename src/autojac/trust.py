@@ -38,6 +38,8 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "hvp": ("hvp_rev_rev",),
     "hessian_diag": ("grad_grad_diag", "loop_diag"),
     "laplacian": ("grad_grad_diag", "loop_diag"),
+    "divergence": ("div_rows", "div_loop"),
+    "derivatives": ("nested_derivatives",),
 }
 FIRST_CHECK = 8  # the first scheduled re-check of batch independence, in calls of a served plan
 CHECK_EVERY = 2048  # then at doubling calls up to this, then at this interval
@@ -58,18 +60,6 @@ def next_check(calls: int) -> int:
     return (calls // CHECK_EVERY + 1) * CHECK_EVERY
 
 
-def sliced(problem: Problem, count: int) -> Problem:
-    """The same call on the first `count` samples (extra arguments with a batch dimension cut too)."""
-    if count >= problem.batch:
-        return problem
-    args = tuple(a if d is None else a.narrow(d, 0, count) for a, d in zip(problem.args, problem.arg_dims))
-    v = None if problem.v is None else problem.v[:count]
-    if problem.base is None or not problem.args:
-        return problem.replace(x=problem.x[:count], v=v)
-    base = problem.base
-    return problem.replace(x=problem.x[:count], v=v, args=args, f=lambda x: base(x, *args))
-
-
 def cross_check(problem: Problem, strategy: Strategy, chunk: int | None, dtype: torch.dtype) -> tuple[str, str]:
     """Run `strategy` and the operation's reference on a slice of the batch (the whole batch if f
     refuses a slice): ("", "") if they agree or there is no reference to ask, else (the reference's
@@ -79,7 +69,7 @@ def cross_check(problem: Problem, strategy: Strategy, chunk: int | None, dtype: 
         return "", ""
     for name in REFERENCES.get(op, ()):
         reference = registry.get(name, op)
-        for candidate in (sliced(problem, SLICE), problem):
+        for candidate in (problem.head(SLICE), problem):
             try:
                 expected = reference(candidate, None)
             except Exception:  # noqa: BLE001 - a reference that cannot run here asks the next
@@ -88,15 +78,16 @@ def cross_check(problem: Problem, strategy: Strategy, chunk: int | None, dtype: 
                 got = strategy(candidate, chunk)
             except Exception as error:  # noqa: BLE001 - the strategy fails where the reference runs
                 return name, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
-            ok, diff, allowed = agree(got.detach(), expected.detach(), dtype, order=_order(op))
+            ok, diff, allowed = agree(got, expected, dtype, order=order(op))
             if ok:
                 return "", ""
             return name, f"differs from {name} by {diff:.3g} (allowed {allowed:.3g})"
     return "", ""
 
 
-def _order(op: str) -> int:
-    return 1 if op == "jacobian" else 2
+def order(op: str) -> int:
+    """The order of derivatives `op` computes (second order accumulates more rounding)."""
+    return 1 if op in ("jacobian", "divergence") else 2
 
 
 def computation_dtypes(modules: Sequence[nn.Module], x: Tensor) -> list[torch.dtype]:

@@ -205,7 +205,7 @@ class _Tuning:
         return True
 
     def _join_class(self, label: str, result: Tensor) -> bool:
-        if not torch.is_tensor(result):
+        if not (torch.is_tensor(result) or (isinstance(result, tuple) and all(map(torch.is_tensor, result)))):
             self.excluded[label] = f"returned {type(result).__name__}, not a tensor"
             return False
         for group in self.classes:
@@ -215,7 +215,8 @@ class _Tuning:
         if len(self.classes) >= 3:  # more than three different answers: keep no more copies
             self.excluded[label] = "disagrees with every other candidate"
             return False
-        self.classes.append(_ResultClass(result.detach(), [label]))
+        kept = tuple(r.detach() for r in result) if isinstance(result, tuple) else result.detach()
+        self.classes.append(_ResultClass(kept, [label]))
         return True
 
     def _best(self) -> float:

@@ -5,6 +5,8 @@ from . import hessian as _hessian  # noqa: F401  (second order: Hessians, and th
 from . import hvp as _hvp  # noqa: F401  (Hessian-vector products)
 from . import diagonal as _diagonal  # noqa: F401  (Hessian diagonals and Laplacians)
 from . import forward_laplacian as _forward_laplacian  # noqa: F401  (one-pass second order for MLPs)
+from . import divergence as _divergence  # noqa: F401  (traces of square Jacobians)
+from . import derivatives as _derivatives  # noqa: F401  (several derivatives at once)
 from .registry import BATCH_INDEPENDENT, VMAP, Strategy, all_strategies, for_op, get, heuristic, names, register
 
 __all__ = ["BATCH_INDEPENDENT", "VMAP", "Strategy", "all_strategies", "for_op", "get", "heuristic", "names", "register"]

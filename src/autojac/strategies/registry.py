@@ -90,11 +90,9 @@ class Strategy:
                 result = self.run(problem, chunk)
         else:
             result = self.run(problem, chunk)
-        if result.dtype != problem.x.dtype:  # forward mode carries f's output dtype
-            result = result.to(problem.x.dtype)
-        if result.requires_grad and not problem.create_graph:
-            result = result.detach()
-        return result
+        if isinstance(result, tuple):  # several quantities (derivatives)
+            return tuple(_finished(r, problem) for r in result)  # type: ignore[return-value]
+        return _finished(result, problem)
 
     def _outside_inference(self, problem: Problem, chunk: int | None) -> Tensor:
         """Derivatives need autograd, which torch.inference_mode() switches off: run with it off, on
@@ -108,6 +106,14 @@ class Strategy:
             problem = problem.replace(x=normal_tensor(problem.x), v=normal_tensor(problem.v),
                                       args=tuple(normal_tensor(a) for a in problem.args))
             return self(problem, chunk)
+
+
+def _finished(result: Tensor, problem: Problem) -> Tensor:
+    if result.dtype != problem.x.dtype:  # forward mode carries f's output dtype
+        result = result.to(problem.x.dtype)
+    if result.requires_grad and not problem.create_graph:
+        result = result.detach()
+    return result
 
 
 def normal_tensor(value: Any) -> Any:

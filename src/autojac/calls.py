@@ -1,0 +1,258 @@
+"""How the caller called: extra arguments, several inputs, chosen coordinates, auxiliary outputs.
+
+Every strategy knows one problem: f maps x (B, *in) to (B, *out). A call with more than that is
+reduced to it here, and its result is mapped back:
+
+- `args=(...)`: f(x, *args). Arguments with a batch dimension (`in_dims`, torch.vmap's convention
+  over (x, *args); by default 0 for tensors whose first dimension is B, None for the rest) are
+  sliced per sample by the strategies that run f one sample at a time; the others are shared.
+  Their values are not part of the plan's key, only their structure: an ODE time passed this
+  way never makes a new plan.
+- several inputs `(x, t)`: f(x, t) of their concatenation z (B, n_x + n_t); the Jacobian of z is
+  split back into one per input, each (B, *out, *in_i).
+- `dims=[...]`: f as a function of the chosen coordinates z = x.flatten(1)[:, dims] (B, k), the
+  others held at x's values (passed on as one more per-sample argument): every result has k in
+  place of *in, and only those directions are computed.
+- `has_aux=True`: f returns (y, aux); aux is taken from the strategy's own forward pass where it
+  has one outside torch.func's transforms, else from one more forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .problem import BatchedFn, Problem, check_x
+
+_UNSET = object()
+_peek_transform = torch._C._functorch.peek_interpreter_stack
+
+
+class AuxCatcher:
+    """Strips f's auxiliary output, keeping the first one produced outside any torch.func transform
+    after `reset` (inside one it is a wrapped tensor that cannot leave the transform)."""
+
+    def __init__(self, f: Callable[..., Any]) -> None:
+        self.f = f
+        self.value: Any = _UNSET
+
+    def reset(self) -> None:
+        self.value = _UNSET
+
+    def __call__(self, *inputs: Any) -> Tensor:
+        out = self.f(*inputs)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"has_aux=True: f must return a pair (output, aux); it returned {_kind(out)}")
+        y, aux = out
+        if self.value is _UNSET and _peek_transform() is None:
+            self.value = aux
+        return y
+
+    def result(self, forward: Callable[[], Any], create_graph: bool) -> Any:
+        """The aux caught, or from one more forward pass; detached unless create_graph."""
+        if self.value is _UNSET:
+            with torch.enable_grad() if create_graph else torch.no_grad():
+                forward()
+        aux = self.value
+        return aux if create_graph else _detached(aux)
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)}"
+    return type(value).__name__
+
+
+@dataclass
+class Call:
+    """One call reduced to the canonical problem: `problem` for the strategies, `unpack` for the
+    result, `spec` for the key (the call's structure, never its values), `aux` if f has one."""
+
+    problem: Problem
+    unpack: Callable[[Any], Any]
+    spec: str
+    aux: AuxCatcher | None = None
+    inputs: tuple[Tensor, ...] = ()  # the caller's inputs, when there were several
+
+
+def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None, create_graph: bool, *,
+           args: Sequence[Any] = (), in_dims: Any = None, has_aux: bool = False,
+           dims: Sequence[int] | Tensor | None = None) -> Call:
+    """The canonical problem of a call (see the module docstring); x is checked by check_x."""
+    args = _checked_args(args)
+    several = isinstance(x, (tuple, list)) and any(isinstance(t, Tensor) for t in x)  # else: not a tensor at all
+    inputs = tuple(x) if several else (x,)
+    _check_inputs(op, inputs, several)
+    batch = inputs[0].shape[0]
+    arg_dims = _arg_dims(in_dims, args, batch)
+    parts: list[str] = []
+    catcher = AuxCatcher(f) if has_aux else None
+    user = catcher if catcher is not None else f
+    extra: tuple[Any, ...] = ()
+    extra_dims: tuple[int | None, ...] = ()
+
+    if several:
+        shapes = [tuple(t.shape[1:]) for t in inputs]
+        sizes = [math.prod(s) for s in shapes]
+        z = torch.cat([t.reshape(batch, -1) for t in inputs], dim=1)
+
+        def joined(z: Tensor, *rest: Any) -> Tensor:
+            pieces = z.split(sizes, dim=1)
+            return user(*(p.reshape(p.shape[0], *s) for p, s in zip(pieces, shapes)), *rest)
+
+        base: Callable[..., Tensor] = joined
+        parts.append("inputs=" + ",".join(str(s) for s in shapes))
+    else:
+        z, base = inputs[0], user
+        shapes = []
+
+    if dims is not None:
+        index = _checked_dims(dims, math.prod(z.shape[1:]), z.device)
+        whole, inner = z, base
+
+        def chosen(w: Tensor, rest_x: Tensor, *rest: Any) -> Tensor:
+            flat = rest_x.reshape(rest_x.shape[0], -1).index_copy(1, index, w)
+            return inner(flat.view(rest_x.shape), *rest)
+
+        base = chosen
+        z = whole.reshape(batch, -1)[:, index]
+        extra, extra_dims = (whole,), (0,)
+        parts.append("dims=" + ",".join(map(str, index.tolist())))
+        if v is not None and v.shape != z.shape:
+            raise ValueError(f"v has shape {tuple(v.shape)}; with dims, v is one direction per sample in the chosen "
+                             f"coordinates: shape {tuple(z.shape)} (B, len(dims))")
+
+    if args:
+        parts.append("args=" + ",".join(_arg_text(a, d) for a, d in zip(args, arg_dims)))
+    if has_aux:
+        parts.append("aux")
+    all_args = (*extra, *args)
+    all_dims = (*extra_dims, *arg_dims)
+    bound = base
+    f_batch: BatchedFn = (lambda w: bound(w, *all_args)) if all_args else bound  # type: ignore[assignment]
+    problem = Problem(op, f_batch, z, v, create_graph, base=base if all_args else None, args=all_args,
+                      arg_dims=all_dims)
+    unpack = _splitter(op, shapes) if several else _identity
+    return Call(problem, unpack, ";".join(parts), catcher, inputs if several else ())
+
+
+def _identity(result: Any) -> Any:
+    return result
+
+
+def _splitter(op: str, shapes: list[tuple[int, ...]]) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    """J (B, *out, n_1 + n_2 + ...) -> (J_1 (B, *out, *in_1), J_2, ...)."""
+    sizes = [math.prod(s) for s in shapes]
+
+    def split(result: Tensor) -> tuple[Tensor, ...]:
+        pieces = result.split(sizes, dim=-1)
+        return tuple(p.reshape(*p.shape[:-1], *s) for p, s in zip(pieces, shapes))
+
+    return split
+
+
+def _checked_args(args: Any) -> tuple[Any, ...]:
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"args must be a tuple of f's extra positional arguments, f(x, *args); got "
+                        f"{type(args).__name__}. For one argument: args=(value,)")
+    return tuple(args)
+
+
+def _check_inputs(op: str, inputs: tuple[Any, ...], several: bool) -> None:
+    if several:
+        if op != "jacobian":
+            raise TypeError(f"x is a {type(inputs).__name__} of inputs, which only autojac.jacobian takes (one "
+                            f"Jacobian per input); for {op}, pass one tensor (torch.cat the inputs inside f), or "
+                            f"the others through args=")
+        if not inputs:
+            raise ValueError("x is an empty tuple; pass at least one input tensor")
+    for i, t in enumerate(inputs):
+        check_x(t, f"x[{i}]" if several else "x")
+    first = inputs[0]
+    for i, t in enumerate(inputs[1:], start=1):
+        if t.shape[0] != first.shape[0]:
+            raise ValueError(f"x[{i}] has batch size {t.shape[0]} but x[0] has {first.shape[0]}; every input needs "
+                             f"the same batch dimension (B, ...)")
+        if t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(f"x[{i}] is {t.dtype} on {t.device} but x[0] is {first.dtype} on {first.device}; "
+                             f"inputs differentiated together must share dtype and device (use .to(x[0]))")
+
+
+def _arg_dims(in_dims: Any, args: tuple[Any, ...], batch: int) -> tuple[int | None, ...]:
+    """Each extra argument's batch dimension: in_dims (torch.vmap's convention over (x, *args)), or
+    by default 0 for tensors whose first dimension is B and None for everything else."""
+    if in_dims is None:
+        return tuple(0 if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch else None for a in args)
+    if isinstance(in_dims, int):
+        in_dims = (in_dims,) * (1 + len(args))
+    if not isinstance(in_dims, (tuple, list)) or len(in_dims) != 1 + len(args):
+        raise ValueError(f"in_dims must give one entry for x and each of the {len(args)} extra arguments "
+                         f"(torch.vmap's convention), e.g. in_dims=(0{', None' * len(args)}); got {in_dims!r}")
+    if in_dims[0] != 0:
+        raise ValueError(f"in_dims[0] is {in_dims[0]!r}, but x's batch dimension is its first: in_dims[0] must be 0")
+    dims = tuple(in_dims[1:])
+    for i, (a, d) in enumerate(zip(args, dims)):
+        if d is None:
+            continue
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise TypeError(f"in_dims[{i + 1}] must be an int or None; got {d!r}")
+        if not isinstance(a, Tensor):
+            raise ValueError(f"in_dims[{i + 1}] is {d} but args[{i}] is a {type(a).__name__}, not a tensor: only "
+                             f"tensors can have a batch dimension; give None")
+        if not -a.dim() <= d < a.dim() or a.shape[d] != batch:
+            raise ValueError(f"in_dims[{i + 1}] is {d} but args[{i}] has shape {tuple(a.shape)}: its dimension {d} "
+                             f"must be the batch size {batch}")
+    return tuple(None if d is None else d % args[i].dim() for i, d in enumerate(dims))
+
+
+def _checked_dims(dims: Sequence[int] | Tensor, n: int, device: torch.device) -> Tensor:
+    values = dims.tolist() if isinstance(dims, Tensor) else list(dims)
+    if not values or not all(isinstance(d, int) and not isinstance(d, bool) for d in values):
+        raise TypeError(f"dims must be a non-empty sequence of int indices into the flattened per-sample input; "
+                        f"got {dims!r}")
+    bad = [d for d in values if not 0 <= d < n]
+    if bad:
+        raise ValueError(f"dims {bad} are out of range for a per-sample input of {n} elements; valid: 0 to {n - 1}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"dims {values} repeat a coordinate; each must appear once")
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _arg_text(a: Any, dim: int | None) -> str:
+    """An extra argument's structure for the key: never a tensor's or a float's value."""
+    if isinstance(a, Tensor):
+        shape = tuple(s for i, s in enumerate(a.shape) if i != dim)
+        return f"T{shape}{str(a.dtype).removeprefix('torch.')}@{dim}"
+    if isinstance(a, (bool, str, type(None), int)):
+        return repr(a)[:100]
+    return type(a).__name__
+
+
+def glance(args: Sequence[Any], in_dims: Any, has_aux: bool, dims: Any, x: Any) -> tuple[Any, ...] | None:
+    """What the hot path compares for a call with extras, cheaply: the structure the key holds
+    (None where there is nothing hashable to compare: the slow path then runs every call)."""
+    try:
+        shapes = tuple((a.shape, a.dtype, a.device) if isinstance(a, Tensor) else
+                       (type(a), a if isinstance(a, (bool, str, int, type(None))) else None) for a in args)
+        inputs = tuple((t.shape, t.dtype, t.device, t.layout) for t in x) if isinstance(x, (tuple, list)) else None
+        chosen = tuple(dims.tolist() if isinstance(dims, Tensor) else dims) if dims is not None else None
+        key = (shapes, in_dims if not isinstance(in_dims, list) else tuple(in_dims), has_aux, chosen, inputs)
+        hash(key)
+        return key
+    except (TypeError, AttributeError):
+        return None

@@ -1,0 +1,120 @@
+"""Several derivatives at once (`autojac.derivatives`): the value, the Jacobian, and a second-order
+quantity (Hessian diagonal, Laplacian, Hessian), in one plan, sharing the work.
+
+A result is a tuple in `problem.want`'s order (models.DERIVATIVES): value (B, *out), jacobian
+(B, *out, *in), hessian_diag (B, *out, *in), laplacian (B, *out), hessian (B, *out, *in, *in).
+Sizes: B samples, n input and m output elements per sample.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import jacfwd, jacrev
+
+from ..problem import Problem, Sizes, result_shape
+from .basis import grad_input, joined, ones_seed, per_sample, row_seeds, spans, vjp_of
+from .curvature import diagonal_of, double_pass_memory, input_basis_rows
+from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
+
+DERIVATIVES_OP = frozenset({"derivatives"})
+SECOND = ("hessian_diag", "laplacian", "hessian")
+
+
+def _nested(p: Problem, chunk: int | None) -> tuple[Tensor, ...]:
+    # What a PINN user writes: one forward pass (the value), one backward pass per output element
+    # (its gradient on every sample at once: the Jacobian), kept differentiable when second
+    # derivatives are asked for; then per input direction, `chunk` at a time, a backward pass of
+    # each gradient (rows of every H[b, k]).
+    second = [q for q in p.want if q in SECOND]
+    x = grad_input(p)
+    y = p.f(x)
+    batch, out_shape = y.shape[0], tuple(y.shape[1:])
+    found: dict[str, Tensor] = {"value": y}
+    if (second or "jacobian" in p.want) and y.requires_grad:
+        seeds = row_seeds(out_shape, batch, y) if out_shape else (ones_seed(tuple(y.shape), y),)
+        graph = bool(second) or p.create_graph
+        last = len(seeds) - 1
+        grads = [vjp_of(y, x, seed, retain=bool(second) or k < last, create_graph=graph) for k, seed in enumerate(seeds)]
+        found["jacobian"] = torch.stack(grads, 1).view(batch, *out_shape, *p.in_shape)
+        if second:
+            rows = [joined([input_basis_rows(g, x, start, stop, p.create_graph) for start, stop in spans(p.n, chunk)])
+                    for g in grads]  # each (n, B, *in)
+            hessian = torch.stack(rows).view(*out_shape, *p.in_shape, *x.shape)  # (*out, *in, B, *in)
+            _second_from(found, p, hessian.movedim(len(out_shape) + len(p.in_shape), 0))
+    return _ordered(found, p, out_shape)
+
+
+def _second_from(found: dict[str, Tensor], p: Problem, hessian: Tensor) -> None:
+    """Fill what p.want asks of the second order from the whole per-sample Hessians
+    (B, *out, *in, *in)."""
+    if "hessian" in p.want:
+        found["hessian"] = hessian
+    if "hessian_diag" in p.want or "laplacian" in p.want:
+        diag = diagonal_of(hessian, p.in_shape)
+        found["hessian_diag"] = diag
+        found["laplacian"] = diag.reshape(*diag.shape[: diag.dim() - len(p.in_shape)], -1).sum(-1)
+
+
+def _ordered(found: dict[str, Tensor], p: Problem, out_shape: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """The asked quantities in order; zeros for those f's graph does not reach (f ignores x)."""
+    return tuple(found[q] if q in found else p.x.new_zeros(result_shape(q, p.batch, out_shape, p.in_shape))
+                 for q in p.want)
+
+
+def _vmap(p: Problem, chunk: int | None) -> tuple[Tensor, ...]:
+    # torch.func per sample: reverse mode for the Jacobian, forward over it for the Hessian, each
+    # level handing the lower ones up as auxiliary outputs, so that f runs once per sample.
+    second = any(q in SECOND for q in p.want)
+
+    def transform(f_one):  # noqa: ANN001, ANN202 - torch.func's function types
+        def value_twice(z: Tensor) -> tuple[Tensor, Tensor]:
+            y = f_one(z)
+            return y, y
+
+        def jacobian_and_lower(z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            jac, y = jacrev(value_twice, has_aux=True)(z)
+            return jac, (jac, y)
+
+        def run(xi: Tensor) -> tuple[Tensor, ...]:
+            if second:
+                hess, (jac, y) = jacfwd(jacobian_and_lower, has_aux=True)(xi)
+                return y, jac, hess
+            jac, y = jacrev(value_twice, has_aux=True)(xi)
+            return y, jac
+
+        return run
+
+    results = per_sample(p, transform)
+    found = {"value": results[0], "jacobian": results[1]}
+    if second:
+        _second_from(found, p, results[2])
+    return _ordered(found, p, tuple(results[0].shape[1:]))
+
+
+def _memory(s: Sizes, chunk: int | None) -> int:
+    c = chunk or s.n
+    return double_pass_memory(s, c, s.batch * s.n, "hessian") + s.m * s.activations
+
+
+def _vmap_memory(s: Sizes, chunk: int | None) -> int:
+    return double_pass_memory(s, s.n * s.m, s.n, "hessian")
+
+
+register(Strategy(
+    name="nested_derivatives", ops=DERIVATIVES_OP, run=_nested, memory=_memory, basis=lambda s: s.n,
+    needs=frozenset({BATCH_INDEPENDENT}), autograd=True,
+    summary="nested autograd sharing one forward pass and one first backward pass (what PINN code writes)",
+))
+register(Strategy(
+    name="vmap_derivatives", ops=DERIVATIVES_OP, run=_vmap, memory=_vmap_memory,
+    needs=frozenset({BATCH_INDEPENDENT, VMAP}),
+    summary="vmap over samples of jacfwd(jacrev(f)) with the lower orders as auxiliary outputs",
+))
+
+
+def _heuristic(s: Sizes) -> list[str]:
+    return ["nested_derivatives", "vmap_derivatives"]
+
+
+set_heuristic("derivatives", _heuristic)
