@@ -317,8 +317,8 @@ def _prepare(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any
         raise AutojacError(
             "autojac cannot run inside a torch.func transform (vmap, grad, jacrev, jvp, ...): it differentiates "
             "with torch.autograd and times its strategies, which a transform's wrapped tensors do not allow. Call "
-            "autojac outside the transform, or compute the derivative inside it with torch.func itself (for "
-            "per-sample Jacobians: torch.func.vmap(torch.func.jacrev(f_one_sample)))")
+            "autojac outside the transform, or use torch.func itself inside it instead (for per-sample Jacobians: "
+            "torch.func.vmap(torch.func.jacrev(f_one_sample)))")
     args = _normal(tuple(args)) if isinstance(args, (tuple, list)) else args
     call = calls.reduce(op, f, _normal(x), _normal(v), create_graph, args=args, in_dims=in_dims, has_aux=has_aux,
                         dims=dims)

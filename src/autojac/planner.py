@@ -218,6 +218,8 @@ class Planner:
             checked = self._cross_checked(entry, problem, tuning)
             if checked is not entry:  # the plan changed: its result must come from the new plan
                 entry, result = checked, None
+            if not made and entry.next_check < math.inf:
+                entry.next_check = 1  # nobody probed f here: check that it is batch-independent now
         elif not made and info.holds_tensors and entry.next_check < math.inf:
             entry.next_check = 1  # f may hold other tensors than the f the plan was made for: check now
         if glance is not None:
@@ -247,12 +249,14 @@ class Planner:
         return plan
 
     def plan(self, sig: Signature, problem: Problem, *, tune: bool, settings: TuneSettings | None = None,
-             exclude: dict[str, str] | None = None, fresh: bool = False) -> tuple[Plan, Tensor | None]:
+             exclude: dict[str, str] | None = None, fresh: bool = False,
+             again: bool = False) -> tuple[Plan, Tensor | None]:
         """Make (or wait for) the plan for sig; also the result when the planning computed it. With
         `exclude` (labels -> reasons) those candidates are left out; with `fresh` a plan reused from
-        another batch size does not count as made."""
+        another batch size does not count as made; with `again` no stored plan does (a check found
+        the old one wrong for f)."""
         with self._lock_for(sig):
-            plan = self.cached(sig, problem) if not exclude else None
+            plan = self.cached(sig, problem) if not (exclude or again) else None
             if plan is not None and fresh and plan.tuned_batch is not None:
                 plan = None
             follower = distributed.is_follower()
@@ -315,7 +319,7 @@ class Planner:
                       f"plan ({entry.plan.label}) assumed it did not; made a new plan for it",
                       AutojacWarning, stacklevel=caller_stacklevel())
         self.invalidate(entry.sig)
-        plan, result = self.plan(entry.sig, problem, tune=config.tuning_enabled(None))
+        plan, result = self.plan(entry.sig, problem, tune=config.tuning_enabled(None), again=True)
         entry.rebind(plan)
         return result if result is not None else entry.strategy(problem, entry.chunk)
 
@@ -392,7 +396,7 @@ class Planner:
                       AutojacWarning, stacklevel=caller_stacklevel())
         excluded = {**plan.excluded, plan.label: f"excluded: {why} (cross-check)"}
         self._hot.pop(sig, None)
-        if tuning:
+        if tuning and not config.plan_required():
             plan, _ = self.plan(sig, problem, tune=True, exclude={plan.label: excluded[plan.label]})
         else:
             plan = plan.model_copy(update=dict(strategy=reference, chunk=None, excluded=excluded,
@@ -477,8 +481,8 @@ class Planner:
             call=sig.call,
         )
         self._memoize(sig, plan)
-        if tune:
-            self._trusted.add(sig.key)  # tuning cross-checked every candidate against the references
+        if outcome.verified:
+            self._trusted.add(sig.key)  # the winner agreed with a reference during tuning
         if persist:
             self.store.put(plan)
         if tune:

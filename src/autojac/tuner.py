@@ -48,6 +48,7 @@ class Outcome:
     samples: dict[str, Samples]
     excluded: dict[str, str]
     result: Tensor | None = None  # the winner's result, with tuning off (it ran exactly once)
+    verified: bool = False  # the winner's result agreed with one of the references (see `choose`)
 
 
 def choose(pool: Sequence[Candidate], run: Callable[[Candidate], Tensor], *, clock: Clock,
@@ -319,7 +320,9 @@ class _Tuning:
         return set(winner.members)
 
     def _outcome(self, winner: Candidate) -> Outcome:
-        return Outcome(winner, self.samples, self.excluded, self.last_result)
+        group = next((g for g in self.classes if winner.label in g.members), None)
+        verified = group is not None and bool(self.references.intersection(group.members))
+        return Outcome(winner, self.samples, self.excluded, self.last_result, verified)
 
 
 def caller_stacklevel() -> int:
