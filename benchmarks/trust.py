@@ -30,7 +30,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -1215,7 +1214,7 @@ def case_float64_into_float32_second(ctx: Ctx) -> None:
 
 def _pinn_case(dims: int, batch: int, dtype: torch.dtype) -> None:
     def run(ctx: Ctx) -> None:
-        seeded()
+        seeded(5)  # weights where float32 strategies differ by up to 3-7x 1e-4 relative (seeds 0-5: 0.2-7x)
         net = nn.Sequential(nn.Linear(dims, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)).to(dtype)
 
         def u(x):
