@@ -1152,9 +1152,9 @@ def case_autocast_bf16_jacobian(ctx: Ctx) -> None:
     model = mlp(6, 4, width=32)
     x = torch.randn(16, 6)
     expected = ref_jacobian(model, x)
-    with env(AUTOJAC_TUNE_BUDGET="1.0"):  # the default: every candidate runs
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            result = autojac.jacobian(model, x)
+    ctx.compare_every_candidate("jacobian")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = autojac.jacobian(model, x)
         plan = autojac.explain(model, x)
     ctx.check(result, expected, "jacobian under autocast", dtype=torch.bfloat16)
     ctx.no_disagreements(plan)
@@ -1167,9 +1167,9 @@ def case_autocast_bf16_laplacian(ctx: Ctx) -> None:
     model = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
     x = torch.randn(64, 3)
     expected = reference("laplacian", model, x)
-    with env(AUTOJAC_TUNE_BUDGET="1.0"):  # the default: every candidate runs
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            result = autojac.laplacian(model, x)
+    ctx.compare_every_candidate("laplacian")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = autojac.laplacian(model, x)
         plan = autojac.explain(model, x, op="laplacian")
     ctx.check(result, expected, "laplacian under autocast", dtype=torch.bfloat16, second=True, rtol=0.25)
     ctx.no_disagreements(plan)
@@ -1186,9 +1186,9 @@ def case_float64_into_float32(ctx: Ctx) -> None:
 
     x = torch.randn(32, 5, dtype=torch.float64)
     expected = ref_jacobian(f, x)
-    with env(AUTOJAC_TUNE_BUDGET="1.0"):  # the default: every candidate runs
-        result = autojac.jacobian(f, x)
-        plan = autojac.explain(f, x)
+    ctx.compare_every_candidate("jacobian")
+    result = autojac.jacobian(f, x)
+    plan = autojac.explain(f, x)
     ctx.check(result, expected, "jacobian", dtype=torch.float32)
     if result.dtype != torch.float64:
         raise Finding("wrong", f"result dtype {result.dtype}, x's is float64")
@@ -1205,9 +1205,9 @@ def case_float64_into_float32_second(ctx: Ctx) -> None:
 
     x = torch.randn(32, 4, dtype=torch.float64)
     expected = reference("hessian_diag", f, x)
-    with env(AUTOJAC_TUNE_BUDGET="1.0"):  # the default: every candidate runs
-        result = autojac.hessian_diag(f, x)
-        plan = autojac.explain(f, x, op="hessian_diag")
+    ctx.compare_every_candidate("hessian_diag")
+    result = autojac.hessian_diag(f, x)
+    plan = autojac.explain(f, x, op="hessian_diag")
     ctx.check(result, expected, "hessian_diag", dtype=torch.float32, second=True)
     ctx.no_disagreements(plan)
 
@@ -1221,9 +1221,9 @@ def _pinn_case(dims: int, batch: int, dtype: torch.dtype) -> None:
             return (x * (1 - x)).prod(-1, keepdim=True) * net(x)
 
         x = torch.rand(batch, dims, dtype=dtype)
-        with env(AUTOJAC_TUNE_BUDGET="1.0"):  # the default: every candidate runs
-            result = autojac.laplacian(u, x)
-            plan = autojac.explain(u, x, op="laplacian")
+        ctx.compare_every_candidate("laplacian")
+        result = autojac.laplacian(u, x)
+        plan = autojac.explain(u, x, op="laplacian")
         twin = __import__("copy").deepcopy(net).double()
 
         def u64(z):
@@ -1254,8 +1254,8 @@ def _low_precision(op: str, dtype: torch.dtype) -> None:
         x = torch.randn(8, 4).to(dtype)
         twin = __import__("copy").deepcopy(model).double()
         expected = reference(op, twin, x.double())
-        with env(AUTOJAC_TUNE_BUDGET="1.0"):  # the default: every candidate runs
-            result = call(op, model, x)
+        ctx.compare_every_candidate(op)
+        result = call(op, model, x)
         if result.dtype != dtype:
             raise Finding("wrong", f"result dtype {result.dtype}, x's is {dtype}")
         ctx.check(result, expected, op, dtype=dtype, second=op != "jacobian")
@@ -1850,6 +1850,7 @@ def case_large_scale_hessian(ctx: Ctx) -> None:
     with torch.no_grad():
         model[-1].weight.mul_(1e4)
     x = torch.randn(8, 3)
+    ctx.compare_every_candidate("hessian")
     ctx.check(autojac.hessian(model, x), reference("hessian", model, x), "hessian", second=True)
     ctx.no_disagreements(autojac.explain(model, x, op="hessian"))
 
@@ -1969,15 +1970,19 @@ def run_case(c: Case, directory: Path, budget: float, timeout: int) -> Result:
 
 
 def _commit() -> str:
+    """The commit of the autojac being tested: the last one that touched its source (+dirty if edited)."""
     root = Path(autojac.__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        source = git("log", "-1", "--format=%h", "--", "src")
+        dirty = git("status", "--porcelain", "--", "src")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return (source or "unknown") + ("+dirty" if dirty else "")
 
 
 def _cell(text: str) -> str:

@@ -141,6 +141,30 @@ class Ctx:
         set_default_planner(Planner(default_store()))
         return cache
 
+    def compare_every_candidate(self, op: str) -> None:
+        """Make tuning of `op` run (and cross-check) every candidate, however busy the machine: a
+        clock that advances 0.1 s at each reading, and a budget that buys every candidate's warm-up
+        (about six readings each) and little more. For the cases about false disagreements, which
+        otherwise depend on how many candidates the load lets run."""
+        from autojac.cache import default_store
+        from autojac.planner import Planner, set_default_planner
+        from autojac.strategies import registry
+        from autojac.timing import Clock
+
+        class StepClock(Clock):
+            def __init__(self) -> None:
+                self.t = 0.0
+
+            def now(self) -> float:
+                self.t += 0.1
+                return self.t
+
+        os.environ["AUTOJAC_TUNE_BUDGET"] = str(0.6 * len(registry.for_op(op)) + 0.5)
+        try:
+            set_default_planner(Planner(default_store(), clock=lambda device: StepClock()))
+        except TypeError:  # a planner without an injectable clock: the default budget, as a user runs it
+            os.environ["AUTOJAC_TUNE_BUDGET"] = "1.0"
+
     def autojac_warnings(self) -> list[str]:
         return [str(w.message) for w in self.caught if issubclass(w.category, autojac.AutojacWarning)]
 
