@@ -106,6 +106,7 @@ for _op in OPS:
 def _auto_first_call_inference(op: str) -> None:
     def run(ctx: Ctx) -> None:
         std = standard()
+        ctx.compare_every_candidate(op)  # which candidates run must not depend on the load
         with torch.inference_mode():
             result = call(op, *std.args(op))
         ctx.check(result, std.refs[op], f"{op} (auto, first call) under inference_mode", second=op != "jacobian")
@@ -116,6 +117,17 @@ def _auto_first_call_inference(op: str) -> None:
 
 for _op in OPS:
     _auto_first_call_inference(_op)
+
+
+@case("grad-mode", "the first call under inference_mode where one call spends the budget (a large model): "
+                   "right, not the first candidate's zeros")
+def case_inference_mode_budget_spent(ctx: Ctx) -> None:
+    seeded()
+    model = mlp(4, 1)
+    x = torch.randn(6, 4)
+    with env(AUTOJAC_TUNE_BUDGET="0.001"), torch.inference_mode():
+        result = autojac.jacobian(model, x)
+    ctx.check(result, ref_jacobian(model, x), "jacobian (auto) under inference_mode, budget spent by one call")
 
 
 @case("grad-mode", "a plan tuned outside inference_mode, reused inside, gives the right answer")
@@ -215,6 +227,7 @@ def case_inference_tensor_x(ctx: Ctx) -> None:
 @case("grad-mode", "explain() inside inference_mode, then the call: plan made, answer right")
 def case_explain_in_inference_mode(ctx: Ctx) -> None:
     std = standard()
+    ctx.compare_every_candidate("hessian_diag")
     with torch.inference_mode():
         plan = autojac.explain(std.model, std.x, op="hessian_diag")
         result = autojac.hessian_diag(std.model, std.x)
@@ -1390,6 +1403,7 @@ def _transformer(mode: str) -> None:
         layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
         x = torch.randn(3, 4, 8)
         expected = ref_jacobian(layer, x)
+        ctx.compare_every_candidate("jacobian")
         if mode == "inference_mode":
             with torch.inference_mode():
                 result = autojac.jacobian(layer, x)
