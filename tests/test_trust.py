@@ -131,10 +131,10 @@ def test_the_first_call_under_inference_mode_is_right_and_quiet(op):
 
 
 @pytest.mark.parametrize("op", ["jacobian", "hvp", "laplacian"])
-def test_create_graph_inside_no_grad_is_connected_to_the_parameters(op):
+def test_create_graph_inside_no_grad_is_connected_to_x_and_the_parameters(op):
     torch.manual_seed(0)
     model = mlp(3, 2, width=8)
-    x, v = torch.randn(4, 3), torch.randn(4, 3)
+    x, v = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
     with torch.no_grad():
         result = _call(op, model, x, v, create_graph=True)
     assert result.grad_fn is not None, (f"{op}(create_graph=True) inside torch.no_grad() returned a result with no "
@@ -142,9 +142,9 @@ def test_create_graph_inside_no_grad_is_connected_to_the_parameters(op):
                                         f"nothing")
     expected = graph_loop(op, model, x, v)
     check(result, expected, f"{op} value", second=op != "jacobian")
-    names = [name for name, _ in model.named_parameters()]
-    check_gradients(grads(result.square().sum(), model.parameters()),
-                    grads(expected.square().sum(), model.parameters()), names,
+    leaves = [*model.parameters(), x]
+    names = [name for name, _ in model.named_parameters()] + ["x"]
+    check_gradients(grads(result.square().sum(), leaves), grads(expected.square().sum(), leaves), names,
                     f"{op}(create_graph=True) made inside no_grad")
 
 
