@@ -138,3 +138,57 @@ def coupled_hessian(f, x: torch.Tensor) -> torch.Tensor:
             per_output.append(full[b].select(len(in_shape), b))  # full is (B, *in, B, *in)
         blocks.append(torch.stack(per_output).view(*out_shape, *in_shape, *in_shape))
     return torch.stack(blocks)
+
+
+def finite_difference_hessian(f64, x: torch.Tensor, step: float = 1e-5) -> torch.Tensor:
+    """(B, *out, *in, *in) in float64 by central differences of the per-sample Jacobian (reverse
+    mode, whose first derivatives PyTorch gets right): the reference where PyTorch's own higher
+    derivatives are wrong (nested forward mode through fused normalizations, pytorch#196700).
+    f64 is f with float64 parameters."""
+    x = x.detach().to(torch.float64)
+    in_shape, n = tuple(x.shape[1:]), int(torch.Size(x.shape[1:]).numel())
+    columns = []
+    for i in range(n):
+        shift = torch.zeros(n, dtype=torch.float64)
+        shift[i] = step
+        shift = shift.reshape(in_shape)
+        columns.append((loop_jacobian(f64, x + shift) - loop_jacobian(f64, x - shift)) / (2 * step))
+    stacked = torch.stack(columns, -1)  # (B, *out, *in, n)
+    return stacked.reshape(*stacked.shape[:-1], *in_shape)
+
+
+def graph_loop(op: str, f, x: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+    """What `op` gives, differentiable w.r.t. f's parameters (and x, or whatever x was made from, when
+    it requires grad): an explicit loop of torch.autograd.functional over samples, create_graph=True.
+    f must be batch-independent."""
+    samples = x if x.requires_grad else x.detach()
+    in_shape = tuple(x.shape[1:])
+    if op == "jacobian":
+        return torch.stack([torch.autograd.functional.jacobian(lambda xi: f(xi.unsqueeze(0)).squeeze(0),
+                                                               samples[b], create_graph=True)
+                            for b in range(x.shape[0])])
+    hessian = loop_hessian(f, samples, create_graph=True)
+    return second_order_reference(op, hessian, in_shape, v)
+
+
+# Relative to the reference's largest entry, by the dtype the computation ran in.
+RELATIVE = {torch.float64: 1e-7, torch.float32: 2e-4}
+RELATIVE_SECOND = {torch.float64: 1e-6, torch.float32: 2e-3}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| over the largest |expected| (inf for a shape mismatch or NaN)."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        return float("inf")
+    diff = float((actual.detach().double() - expected.detach().double()).abs().max())
+    return float("inf") if diff != diff else diff / max(float(expected.detach().abs().max()), 1e-6)
+
+
+def assert_right(actual: torch.Tensor, expected: torch.Tensor, what: str, *, second: bool = False,
+                 dtype: torch.dtype | None = None) -> None:
+    """Assert actual equals the reference, saying by how much it does not (and if it is all zeros)."""
+    allowed = (RELATIVE_SECOND if second else RELATIVE)[dtype or expected.dtype]
+    error = relative_error(actual, expected)
+    zeros = " (all zeros)" if actual.numel() and float(actual.detach().abs().max()) == 0 else ""
+    assert error <= allowed, (f"{what}: relative error {error:.3g}{zeros} against the independent reference "
+                              f"(allowed {allowed:g}); shapes {tuple(actual.shape)} vs {tuple(expected.shape)}")
