@@ -57,13 +57,14 @@ def global_hooks() -> int:
     return len(module._global_forward_hooks) + len(module._global_forward_pre_hooks)
 
 
-def _matters(value: Any) -> bool:
-    """Whether assigning `value` can change what a module computes: not a number, not a plain
-    tensor (an activation stashed for later, a counter), everything else."""
+def _matters(module: nn.Module, value: Any) -> bool:
+    """Whether assigning `value` to a module can change what it computes: everything but a plain
+    tensor (an activation stashed for later) and, on a module of the user's own class, a number
+    (a counter; torch's own modules' numbers are hyperparameters, such as Dropout's p)."""
     if isinstance(value, bool):
         return True
     if isinstance(value, (int, float, complex)):
-        return False
+        return type(module).__module__.startswith("torch.")
     return not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter)
 
 
@@ -79,7 +80,7 @@ def install() -> None:
 
         def __setattr__(self: nn.Module, name: str, value: Any) -> None:
             set_attribute(self, name, value)
-            if self in _watched and _matters(value):
+            if self in _watched and _matters(self, value):
                 advance()
 
         def __delattr__(self: nn.Module, name: str) -> None:
