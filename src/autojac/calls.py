@@ -99,7 +99,7 @@ def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None
     inputs = tuple(x) if several else (x,)
     _check_inputs(op, inputs, several)
     batch = inputs[0].shape[0]
-    arg_dims = _arg_dims(in_dims, args, batch)
+    dims_of_args = arg_dims(in_dims, args, batch)
     parts: list[str] = []
     catcher = AuxCatcher(f) if has_aux else None
     user = catcher if catcher is not None else f
@@ -138,11 +138,11 @@ def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None
                              f"coordinates: shape {tuple(z.shape)} (B, len(dims))")
 
     if args:
-        parts.append("args=" + ",".join(_arg_text(a, d) for a, d in zip(args, arg_dims)))
+        parts.append("args=" + ",".join(_arg_text(a, d) for a, d in zip(args, dims_of_args)))
     if has_aux:
         parts.append("aux")
     all_args = (*extra, *args)
-    all_dims = (*extra_dims, *arg_dims)
+    all_dims = (*extra_dims, *dims_of_args)
     bound = base
     f_batch: BatchedFn = (lambda w: bound(w, *all_args)) if all_args else bound  # type: ignore[assignment]
     problem = Problem(op, f_batch, z, v, create_graph, base=base if all_args else None, args=all_args,
@@ -193,7 +193,7 @@ def _check_inputs(op: str, inputs: tuple[Any, ...], several: bool) -> None:
                              f"inputs differentiated together must share dtype and device (use .to(x[0]))")
 
 
-def _arg_dims(in_dims: Any, args: tuple[Any, ...], batch: int) -> tuple[int | None, ...]:
+def arg_dims(in_dims: Any, args: tuple[Any, ...], batch: int) -> tuple[int | None, ...]:
     """Each extra argument's batch dimension: in_dims (torch.vmap's convention over (x, *args)), or
     by default 0 for tensors whose first dimension is B and None for everything else."""
     if in_dims is None:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import api, config
+from .calls import arg_dims
 from .cache import DiskStore, EnvironmentStore, read_plan_file, unusable_reason, write_plan_file
 from .models import Plan
 from .planner import default_planner
@@ -107,25 +108,56 @@ def import_plans(path: str | os.PathLike[str]) -> ImportCounts:
     return ImportCounts(**dataclasses.asdict(merged), invalid=invalid, foreign=foreign)
 
 
-def warm(f: BatchedFn, x: Tensor, ops: Sequence[str] = ("jacobian",), **kwargs: Any) -> list[Plan]:
+def warm(f: BatchedFn, x: Tensor, ops: Sequence[str] = ("jacobian",), *, batch_sizes: Sequence[int] | None = None,
+         **kwargs: Any) -> list[Plan]:
     """Make the plans of `ops` for f at a batch shaped like x now (tuning unless tune=False is
     given, even under AUTOJAC_TUNE=0 or AUTOJAC_REQUIRE_PLAN=1), and store them. A signature that
-    already has a tuned plan is not tuned again. Other keyword arguments (create_graph=,
-    batch_independent=, v=) go to `autojac.explain`; for "hvp" without v, a random v shaped like
-    x is used (the plan does not depend on v's values). Returns the plans, one per op."""
+    already has a tuned plan is not tuned again. With `batch_sizes`, the plans of each of those
+    batch sizes (x's samples repeated or cut to make them; a call at a batch size within 2x of a
+    warmed one reuses its plan untimed). Other keyword arguments (create_graph=,
+    batch_independent=, v=, args=, in_dims=, dims=, has_aux=) go to `autojac.explain`; for "hvp"
+    without v, a random v shaped like x is used (the plan does not depend on v's values).
+    Returns the plans, one per op and batch size."""
     if isinstance(ops, str):
         raise TypeError(f"ops must be a sequence of operation names, e.g. ({ops!r},); got the string {ops!r}")
     known = operations()
     for op in ops:
         if op not in known:
             raise ValueError(f"unknown operation {op!r}; known: {', '.join(known)}")
+    sizes = [x.shape[0]] if batch_sizes is None else list(batch_sizes)
+    if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
+        raise ValueError(f"batch_sizes must be positive ints; got {batch_sizes!r}")
     kwargs.setdefault("tune", True)
     made = []
     with config.warming():
-        for op in ops:
-            extra = {"v": torch.randn_like(x)} if op == "hvp" and kwargs.get("v") is None else {}
-            made.append(api.plan_for(op, f, x, **kwargs, **extra, nearby=False))
+        for batch in sizes:
+            resized = {**kwargs, **_resized_arguments(kwargs, x.shape[0], batch)}
+            sample = _resized(x, batch)
+            for op in ops:
+                extra = {"v": torch.randn_like(sample)} if op == "hvp" and resized.get("v") is None else {}
+                made.append(api.plan_for(op, f, sample, **resized, **extra, nearby=False))
     return made
+
+
+def _resized(t: Tensor, batch: int, dim: int = 0) -> Tensor:
+    """t with `batch` entries along dim: its samples repeated in turn, or the first ones."""
+    if t.shape[dim] == batch:
+        return t
+    return t.index_select(dim, torch.arange(batch, device=t.device) % t.shape[dim])
+
+
+def _resized_arguments(kwargs: dict[str, Any], old: int, batch: int) -> dict[str, Any]:
+    """v and the per-sample extra arguments of a warm call at another batch size."""
+    if batch == old:
+        return {}
+    changed: dict[str, Any] = {}
+    if isinstance(kwargs.get("v"), Tensor):
+        changed["v"] = _resized(kwargs["v"], batch)
+    args = tuple(kwargs.get("args", ()))
+    if args:
+        dims = arg_dims(kwargs.get("in_dims"), args, old)
+        changed["args"] = tuple(a if d is None else _resized(a, batch, d) for a, d in zip(args, dims))
+    return changed
 
 
 def operations() -> list[str]:

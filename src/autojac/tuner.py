@@ -276,20 +276,20 @@ class _Tuning:
         return True
 
     def _confirmed_winner(self) -> Candidate:
-        """The winner, timed at least `confirm_repeats` times (within one more budget): a plan is
-        never decided by one timing of its winner; if more timings dethrone it, the next is asked."""
-        for _ in range(len(self.pool)):
+        """The winner, timed at least `confirm_repeats` times where one more budget allows and at
+        least twice in any case: a plan is never decided by one timing of its winner. If the new
+        timings dethrone it, the next winner is asked the same."""
+        limit = max(self._spent(), self._budget()) + self._budget()
+        if sum(1 for samples in self.samples.values() if samples.seconds) < 2:
+            return self._winner()  # nothing it beat: no decision to confirm
+        for _ in range(2 * len(self.pool)):
             winner = self._winner()
             samples = self.samples[winner.label]
-            limit = max(self._spent(), self._budget()) + self._budget()
-            missing = self.settings.confirm_repeats - len(samples.seconds)
-            if missing <= 0 or self._spent() + missing * samples.median > limit:
-                return winner
-            for _ in range(missing):
-                if not self._time_again(winner):
-                    break
-            if self._winner() is winner:
-                return winner
+            wanted = self.settings.confirm_repeats if self._spent() + samples.median <= limit else 2
+            if len(samples.seconds) >= wanted or not self._time_again(winner):
+                if winner.label in self.samples and len(self.samples[winner.label].seconds) >= wanted:
+                    return winner
+                continue  # it failed when timed again: excluded, ask the next
         return self._winner()
 
     def _winner(self) -> Candidate:
