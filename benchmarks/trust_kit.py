@@ -385,7 +385,8 @@ def differentiable_reference(op: str, f: Callable[[Tensor], Tensor], x: Tensor, 
 
 
 def parameter_grads(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
-    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    # the graph is kept: it may run through the caller's (MAML's adapted parameters), used again after
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True, retain_graph=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
