@@ -27,6 +27,12 @@ Writes DIR/leanness-DEVICE-DATE-MODE.json (machine, versions, commit, load avera
 figure) and the same stem .md. DIR defaults to a folder in the system's temporary directory,
 never the source tree. AUTOJAC_TUNE_BUDGET is left as the environment sets it (autojac's default
 when unset) unless --tune-budget is given. Everything autojac-specific is in benchmarks/lean_api.py.
+
+Reproduce a comparison of two versions on one quiet machine: run it with each version's source
+first on PYTHONPATH (e.g. a worktree of the old commit: `PYTHONPATH=/path/to/old/src:. python -m
+benchmarks.leanness`); the JSON records which source and commit it measured. On a machine shared
+with other work, `--threads 1` gives steadier figures (a second torch thread waiting for a busy
+core stalls small calls for milliseconds).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import argparse
 import functools
 import json
 import math
+import operator
 import os
 import platform
 import shlex
@@ -216,20 +223,29 @@ def selected(name: str, settings: Settings) -> bool:
 
 def side_by_side(fns: dict[str, api.Run], settings: Settings, min_time: float | None = None,
                  rounds: int | None = None) -> dict[str, dict]:
-    """Interleaved timing of fns: `rounds` separate comparisons of min_time / rounds seconds each;
-    per fn the median of the rounds' medians, the rounds' medians, and the calls timed."""
+    """Interleaved timing of fns: `rounds` separate comparisons of min_time / rounds seconds each.
+    Per fn: the median of the rounds' medians ("median"), the rounds' medians, the calls timed, and
+    each round's seconds ("seconds", for `paired`; not written to the results)."""
     rounds = rounds or settings.rounds
     per_round = (min_time if min_time is not None else settings.min_time) / rounds
     medians: dict[str, list[float]] = {name: [] for name in fns}
-    calls = dict.fromkeys(fns, 0)
+    seconds: dict[str, list[list[float]]] = {name: [] for name in fns}
     for _ in range(rounds):
         samples = api.compare(dict[str, Callable[[], object]](fns), api.Clock(), min_time=per_round,
                               min_repeats=settings.min_repeats, max_repeats=100_000)
         for name, s in samples.items():
             medians[name].append(s.median)
-            calls[name] += len(s.seconds)
-    return {name: {"median": statistics.median(values), "rounds": values, "calls": calls[name]}
+            seconds[name].append(list(s.seconds))
+    return {name: {"median": statistics.median(values), "rounds": values,
+                   "calls": sum(map(len, seconds[name])), "seconds": seconds[name]}
             for name, values in medians.items()}
+
+
+def paired(a: dict, b: dict, how: Callable[[float, float], float] = operator.truediv) -> float:
+    """The median over calls made in the same interleaved round of how(a's, b's): drift in the
+    machine's load between rounds cancels (a check on the ratio of medians, which it should match)."""
+    values = [how(x, y) for xs, ys in zip(a["seconds"], b["seconds"]) for x, y in zip(xs, ys)]
+    return statistics.median(values)
 
 
 def once(fn: api.Run) -> tuple[Tensor, float]:
@@ -311,7 +327,7 @@ def measure_pair(op: str, shape: Shape, strategy: api.Strategy, chunk: int | Non
         first = max(first, twin_first)
         fns["twin"] = twin
     if first > settings.call_cap:
-        timings = {name: {"median": once(fn)[1], "rounds": [], "calls": 1} for name, fn in fns.items()}
+        timings = {name: {"median": once(fn)[1], "rounds": [], "calls": 1, "seconds": []} for name, fn in fns.items()}
         row["reason"] = row["reason"] or f"timed by one call: its first call took over {settings.call_cap:g} s"
         row["single"] = True
     else:
@@ -321,6 +337,8 @@ def measure_pair(op: str, shape: Shape, strategy: api.Strategy, chunk: int | Non
     if twin is not None:
         row["twin_s"] = timings["twin"]["median"]
         row["ratio"] = row["strategy_s"] / row["twin_s"]
+        if not row.get("single"):
+            row["paired_ratio"] = paired(timings["strategy"], timings["twin"])
         row["excess_s"] = row["strategy_s"] - row["twin_s"]
         row["meets"] = row["ratio"] <= TWIN_RATIO or row["excess_s"] <= TWIN_SLACK
     return row
@@ -382,6 +400,7 @@ def lean_oracle_case(op: str, shape: Shape, ranked_twins: list[dict], ranked: li
     ours = medians["autojac"]
     return dict(op=op, shape=shape.name, status="ok", chosen=plan.label, tuning_s=tuning, autojac_s=ours,
                 lean_oracle=best_twin[5:], lean_oracle_s=medians[best_twin], lean_ratio=ours / medians[best_twin],
+                lean_paired=paired(timings["autojac"], timings[best_twin]),
                 own_oracle=best_own[7:], own_oracle_s=medians[best_own], own_regret=ours / medians[best_own],
                 timings=medians)
 
@@ -404,6 +423,9 @@ def section_own_oracle(settings: Settings, suite: Suite) -> list[dict]:
             continue
         results.append(own_oracle_case(workload, batch, settings))
         row = results[-1]
+        if row["status"] != "ok":
+            say(f"[own oracle] {name}: {row['status']}: {row['reason']}")
+            continue
         say(f"[own oracle] {name}: autojac {row['autojac_s'] * 1e6:.1f} us ({row['chosen']}), fastest "
             f"{row['own_oracle']} {row['own_oracle_s'] * 1e6:.1f} us: regret {row['regret']:.2f}")
     return results
@@ -437,6 +459,9 @@ def own_oracle_case(workload, batch: int, settings: Settings) -> dict:
                 calls[text] = run
             except Exception as error:
                 notes[text] = f"raised {type(error).__name__}: {error}"[:200]
+        if not screened:
+            return dict(shape=f"{workload.name} B={batch}", status="failed", chosen=plan.label, tuning_s=tuning,
+                        notes=notes, reason="no candidate ran")
         fastest = min(screened.values())
         keep = sorted((t for t in screened if screened[t] <= 2 * fastest), key=lambda k: screened[k])[:4]
         fns = {"autojac": call, **{f"direct {t}": calls[t] for t in dict.fromkeys([*keep, plan.label]) if t in calls}}
@@ -444,9 +469,12 @@ def own_oracle_case(workload, batch: int, settings: Settings) -> dict:
         timings = side_by_side(fns, settings, rounds=1 if slow else None)
     medians = {label: t["median"] for label, t in timings.items()}
     best = min((label for label in medians if label.startswith("direct ")), key=lambda k: medians[k])
+    regret_paired = paired(timings["autojac"], timings[best])
     chosen = medians.get(f"direct {plan.label}")
-    return dict(shape=f"{workload.name} B={batch}", chosen=plan.label, tuning_s=tuning, autojac_s=medians["autojac"],
+    return dict(shape=f"{workload.name} B={batch}", status="ok", chosen=plan.label, tuning_s=tuning,
+                autojac_s=medians["autojac"],
                 own_oracle=best[7:], own_oracle_s=medians[best], regret=medians["autojac"] / medians[best],
+                regret_paired=regret_paired,
                 choice_alone=chosen / medians[best] if chosen else None, screened=screened, notes=notes,
                 timings=medians)
 
@@ -464,20 +492,16 @@ def section_dispatch(settings: Settings, suite: Suite) -> list[dict]:
             call()
             plan = api.explain(op, f, x, v)
             direct = api.strategy_call(api.get_strategy(plan.strategy, op), op, f, x, v, plan.chunk)
-            ours: list[float] = []
-            theirs: list[float] = []
-            differences: list[float] = []
-            for _ in range(settings.dispatch_rounds):
-                pair: dict[str, Callable[[], object]] = {"autojac": call, "direct": direct}
-                s = api.compare(pair, api.Clock(), min_time=settings.dispatch_time,
-                                max_repeats=100_000)
-                ours.append(s["autojac"].median)
-                theirs.append(s["direct"].median)
-                differences.append(ours[-1] - theirs[-1])
+            timings = side_by_side({"autojac": call, "direct": direct}, settings,
+                                   min_time=settings.dispatch_time * settings.dispatch_rounds,
+                                   rounds=settings.dispatch_rounds)
+        ours, theirs = timings["autojac"], timings["direct"]
+        differences = [a - b for a, b in zip(ours["rounds"], theirs["rounds"])]
         overhead = statistics.median(differences)
-        row: dict[str, Any] = dict(op=op, shape=shape.name, chosen=plan.label, autojac_s=statistics.median(ours),
-                                   direct_s=statistics.median(theirs), overhead_s=overhead, rounds=differences,
-                                   meets=overhead <= DISPATCH_TARGET)
+        row: dict[str, Any] = dict(op=op, shape=shape.name, chosen=plan.label, autojac_s=ours["median"],
+                                   direct_s=theirs["median"], overhead_s=overhead,
+                                   overhead_paired_s=paired(ours, theirs, operator.sub), rounds=differences,
+                                   calls=ours["calls"], meets=overhead <= DISPATCH_TARGET)
         results.append(row)
         say(f"[hot path] {op} {shape.name}: autojac {row['autojac_s'] * 1e6:.1f} us, {plan.label} directly "
             f"{row['direct_s'] * 1e6:.1f} us: overhead {overhead * 1e6:.1f} us")
@@ -678,7 +702,7 @@ def machine_record(settings: Settings) -> dict:
         python=sys.version.split()[0], torch=torch.__version__, autojac=autojac.__version__,
         autojac_source=str(Path(autojac.__file__).resolve().parent),
         autojac_commit=_commit(Path(autojac.__file__).parent),
-        benchmark_commit=_commit(ROOT), threads=torch.get_num_threads(), cpu_count=os.cpu_count() or 1,
+        benchmark_commit=_commit(Path(__file__).parent), threads=torch.get_num_threads(), cpu_count=os.cpu_count() or 1,
         load_average=load_average(),
     )
 
@@ -694,13 +718,13 @@ def _cpu_name() -> str:
 
 
 def _commit(where: Path) -> str | None:
-    """The git commit of the checkout holding `where`, with "+dirty" when it has changes."""
+    """The git commit of the checkout holding `where`, with "+dirty" when files under `where` changed."""
     try:
         head = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no", "--", "."],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -806,6 +830,7 @@ def summarize(sections: dict) -> dict:
             by_strategy.setdefault(r["strategy"], []).append(r["ratio"])
         summary["twins"] = dict(
             pairs=len(pairs), misses=sum(not r["meets"] for r in pairs), geomean=geomean([r["ratio"] for r in pairs]),
+            paired_geomean=geomean([r["paired_ratio"] for r in pairs if "paired_ratio" in r]),
             worst=max(pairs, key=lambda r: r["ratio"])["ratio"],
             per_strategy={name: dict(geomean=geomean(v), worst=max(v), pairs=len(v))
                           for name, v in by_strategy.items()},
@@ -817,10 +842,11 @@ def summarize(sections: dict) -> dict:
         ratios = [r["lean_ratio"] for r in lean]
         middle = geomean(ratios) or 0.0
         summary["lean_oracle"] = dict(cases=len(lean), geomean=middle, worst=max(ratios),
+                                      paired_geomean=geomean([r["lean_paired"] for r in lean]),
                                       meets=middle <= LEAN_GEOMEAN and max(ratios) <= LEAN_WORST,
                                       own_geomean=geomean([r["own_regret"] for r in lean]),
                                       own_worst=max(r["own_regret"] for r in lean))
-    own = sections.get("own_oracle", [])
+    own = [r for r in sections.get("own_oracle", []) if r["status"] == "ok"]
     if own:
         regrets = [r["regret"] for r in own]
         middle = geomean(regrets) or 0.0
