@@ -787,7 +787,11 @@ def run(settings: Settings, command: str, suite: Suite | None = None) -> dict:
     busy = busy_note(machine["load_average"], machine["cpu_count"], "when the run started")
     if busy:
         notes.append(busy)
-        say(f"note: {busy}")
+        if machine["threads"] > 1:
+            notes.append(f"{machine['threads']} torch threads on a busy machine: a thread waiting for a core stalls "
+                         f"small calls for milliseconds; --threads 1 gives steadier figures there")
+        for note in notes:
+            say(f"note: {note}")
     if os.environ.get("AUTOJAC_TUNE", "").strip().lower() in ("0", "off", "false", "no"):
         notes.append("AUTOJAC_TUNE is off: autojac's figures are its heuristic choices")
     _warm_up(settings)
