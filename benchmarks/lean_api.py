@@ -159,11 +159,18 @@ def plan_facts(plan: autojac.Plan) -> dict:
     return facts
 
 
+def tuner_timings(plan: autojac.Plan) -> dict[str, float]:
+    """Candidate label -> the tuner's median seconds, as the plan records them ({} if it does not)."""
+    return dict(getattr(plan, "timings", None) or {})
+
+
 def own_candidates(plan: autojac.Plan, op: str, x: Tensor, out_shape: tuple[int, ...]) -> list[tuple[str, int | None]]:
     """The candidates the planner weighed for this plan (valid for f and within its memory
     budget: the plan's memory estimates name them); from the registry if the plan lists none."""
-    labels = list(plan.memory) or [label(s.name, c) for s in strategies() if op in s.ops and not coupled_only(s)
-                                   for c in chunk_options(s, x, out_shape)]
+    labels = list(getattr(plan, "memory", None) or {})
+    if not labels:
+        labels = [label(s.name, c) for s in strategies() if op in s.ops and not coupled_only(s)
+                  for c in chunk_options(s, x, out_shape)]
     return [parse_label(text) for text in labels]
 
 
