@@ -54,7 +54,8 @@ def headline(record: dict) -> list[str]:
         t = s["first_call"]
         lines.append(f"first call (tuned call < 2 ms): {_x(t['warm_calls_geomean'])} tuned calls in a warm process, "
                      f"{_x(t['fresh_calls_geomean'])} in a fresh one (geomean; target max(100 ms, 50 calls)): "
-                     f"warm {_mark(t['meets_warm'])}, fresh {_mark(t['meets_fresh'])}")
+                     f"warm {_mark(t['meets_warm'])}, fresh {_mark(t['meets_fresh'])}; torch.func's start-up alone "
+                     f"{_ms(t.get('torch_func_startup_s'))} ms")
     if "new_batch" in s:
         t = s["new_batch"]
         lines.append(f"new batch size within 2x: worst {_x(t['within_2x_calls_worst'])} tuned calls (target 5): "
@@ -89,7 +90,7 @@ def markdown(record: dict) -> str:
     if "dispatch" in sec:
         lines += _dispatch(sec["dispatch"])
     if "first_call" in sec:
-        lines += _first(sec["first_call"])
+        lines += _first(sec["first_call"], sec.get("startup") or [])
     if "new_batch" in sec:
         lines += _batch(sec["new_batch"])
     if "closures" in sec:
@@ -177,7 +178,7 @@ def _dispatch(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _first(rows: list[dict]) -> list[str]:
+def _first(rows: list[dict], startup: list[dict]) -> list[str]:
     lines = ["## 4. First call, in tuned calls", "",
              "The first call of a problem with no plan (tuning included) over a tuned call's time: in a fresh process "
              "(torch.func's one-time start-up counts; median over processes) and as a new problem in a warm process. "
@@ -190,6 +191,10 @@ def _first(rows: list[dict]) -> list[str]:
                       _ms(r["target_s"]),
                       f"{_mark(r['meets_warm'])}, {_mark(r['meets_fresh'])}" if r["applies"] else "over 2 ms: -")
                      for r in rows])
+    for r in startup:
+        lines += [f"torch.func's one-time start-up alone (a first vjp, vmap and jvp of torch.sin in a new process, "
+                  f"nothing of autojac): {_ms(r['startup_s'])} ms (median of {len(r['runs'])}); the fresh process's "
+                  f"first call pays it.", ""]
     return lines
 
 

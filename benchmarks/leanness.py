@@ -554,24 +554,53 @@ def first_call(op: str, shape: Shape, settings: Settings) -> dict:
 
 def fresh_process(op: str, shape: Shape, settings: Settings) -> dict:
     """first_call in a new Python process (torch and autojac imported before the clock starts)."""
+    return _in_new_process(dict(what="first call", op=op, shape=asdict(shape)), settings)
+
+
+def section_startup(settings: Settings, suite: Suite) -> list[dict]:
+    """torch.func's one-time start-up alone (a first vjp, vmap and jvp) in new processes: the
+    part of a fresh process's first call that is not autojac's."""
+    if not any(selected(f"first call {op} {shape.name}", settings) for op, shape in suite.first_call):
+        return []
+    runs = [_in_new_process(dict(what="startup"), settings) for _ in range(settings.fresh_processes)]
+    seconds = [r["startup_s"] for r in runs if "startup_s" in r]
+    row: dict[str, Any] = dict(startup_s=statistics.median(seconds) if seconds else None, runs=seconds)
+    if not seconds:
+        row["error"] = runs[0].get("error", "no result")
+    say(f"[first call] torch.func start-up alone in a new process: "
+        + (f"{row['startup_s'] * 1e3:.0f} ms" if seconds else row["error"]))
+    return [row]
+
+
+def _in_new_process(spec: dict, settings: Settings) -> dict:
+    """Run `spec` (see _child) in a new Python process with this run's autojac and threads: its JSON answer."""
     source = str(Path(autojac.__file__).resolve().parent.parent)  # the autojac this run measures
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [source, str(ROOT), os.environ.get("PYTHONPATH")])),
                OMP_NUM_THREADS=str(settings.threads))
-    spec = json.dumps(dict(op=op, shape=asdict(shape), settings=asdict(settings)))
+    text = json.dumps(dict(spec, settings=asdict(settings)))
     with tempfile.TemporaryDirectory() as cache:
         env["AUTOJAC_CACHE_DIR"] = cache  # no plan from the user's cache (the child plans in memory anyway)
-        done = subprocess.run([sys.executable, "-m", "benchmarks.leanness", "--child-first-call", spec], cwd=ROOT,
+        done = subprocess.run([sys.executable, "-m", "benchmarks.leanness", "--child", text], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _child_first_call(spec_text: str) -> None:
+def _child(spec_text: str) -> None:
+    """In a new process: the first call of a problem ("first call"), or torch.func's start-up ("startup")."""
     spec = json.loads(spec_text)
     settings = Settings(**{**spec["settings"], "sections": tuple(spec["settings"]["sections"]),
                            "only": tuple(spec["settings"]["only"])})
     torch.set_num_threads(settings.threads)
+    if spec["what"] == "startup":
+        x = torch.ones(2, 1)
+        start = time.perf_counter()
+        _, pull = torch.func.vjp(torch.sin, x)  # type: ignore[misc]
+        torch.func.vmap(pull)(torch.ones(1, 2, 1))
+        torch.func.vmap(lambda t: torch.func.jvp(torch.sin, (x,), (t,)))(torch.ones(1, 2, 1))
+        print(json.dumps({"startup_s": time.perf_counter() - start}))
+        return
     shape = Shape(**{**spec["shape"], "hidden": tuple(spec["shape"]["hidden"])})
     print(json.dumps(first_call(spec["op"], shape, settings)))
 
@@ -759,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--min-time", type=float, help="seconds of timed calls per contender and measurement")
     parser.add_argument("--tune-budget", type=float, help="set AUTOJAC_TUNE_BUDGET (default: as the environment says)")
-    parser.add_argument("--child-first-call", help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser
 
 
@@ -812,6 +841,7 @@ def run(settings: Settings, command: str, suite: Suite | None = None) -> dict:
         (2, "own_oracle", lambda: section_own_oracle(settings, suite)),
         (3, "dispatch", lambda: section_dispatch(settings, suite)),
         (4, "first_call", lambda: section_first_call(settings, suite)),
+        (4, "startup", lambda: section_startup(settings, suite)),
         (5, "new_batch", lambda: section_new_batch(settings, suite)),
         (6, "closures", lambda: section_closures(settings, suite)),
     ]
@@ -870,7 +900,8 @@ def summarize(sections: dict) -> dict:
                                    meets=all(r["meets"] for r in dispatch))
     first = [r for r in sections.get("first_call", []) if r["applies"]]
     if first:
-        summary["first_call"] = dict(
+        startup = sections.get("startup") or [{}]
+        summary["first_call"] = dict(torch_func_startup_s=startup[0].get("startup_s"),
             cases=len(first), warm_calls_geomean=geomean([r["warm_calls"] for r in first]),
             fresh_calls_geomean=geomean([r["fresh_calls"] for r in first if "fresh_calls" in r]),
             meets_warm=all(r["meets_warm"] for r in first),
@@ -908,8 +939,8 @@ def write(record: dict, out: Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.child_first_call:
-        _child_first_call(args.child_first_call)
+    if args.child:
+        _child(args.child)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -414,8 +414,9 @@ def test_leanness_quick_run_on_tiny_shapes(tmp_path, monkeypatch, capsys):
     report = paths[1].read_text()
     assert "## 1. Each strategy against its hand-written twin" in report and "bench_untwinned" in report
 
-    spec = json.dumps(dict(op="jacobian", shape=dataclasses.asdict(tiny), settings=dataclasses.asdict(settings)))
+    spec = json.dumps(dict(what="first call", op="jacobian", shape=dataclasses.asdict(tiny),
+                           settings=dataclasses.asdict(settings)))
     capsys.readouterr()
-    assert leanness.main(["--child-first-call", spec]) == 0
+    assert leanness.main(["--child", spec]) == 0
     child = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert child["first_s"] > 0 and child["tuned_s"] > 0 and child["tunings"] == 1
