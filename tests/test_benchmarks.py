@@ -4,7 +4,9 @@ peak-memory subprocess, the time cap, and the aggregates."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -332,3 +334,89 @@ def test_a_run_stopped_midway_keeps_the_cases_it_measured(tmp_path, monkeypatch)
     monkeypatch.setattr(run, "measure_case", real)
     assert run.main([*FAST, "--ops", "jacobian", "--ops", "hessian", "--out", str(tmp_path), "--no-plot"]) == 0
     assert not list(tmp_path.glob("*.partial.json"))  # a finished run leaves its full files only
+
+
+# -- the benchmark of leanness (benchmarks/leanness.py, benchmarks/twins.py) --------------------
+
+from benchmarks import lean_api, leanness, twins  # noqa: E402
+
+LEAN_SHAPES = (leanness.Shape(4, 3, None, (8,)), leanness.Shape(3, 2, 3, (8,)))  # a scalar and a vector output
+
+
+@pytest.mark.parametrize("strategy", list(registry.all_strategies()), ids=lambda s: s.name)
+def test_each_twin_computes_what_its_strategy_computes(strategy):
+    """Every registered strategy's hand-written twin agrees with it at every chunk it offers (and
+    at chunk 2, a short last span); a strategy without a twin is reported, never a crash."""
+    compared = 0
+    for op in sorted(strategy.ops):
+        for shape in LEAN_SHAPES:
+            f, x, v = shape.make("float64", op)
+            if lean_api.not_applicable(strategy, op, f, x, v):
+                continue
+            out_shape = lean_api.tensor_out_shape(f, x)
+            chunks = set(lean_api.chunk_options(strategy, x, out_shape)) | ({2} if strategy.basis else set())
+            for chunk in sorted(chunks, key=lambda c: (c is not None, c or 0)):
+                spec = twins.Spec(op, f, x, v, chunk, out_shape)
+                if strategy.name not in twins.TWINS:
+                    with pytest.raises(twins.NoTwin, match="no twin"):
+                        twins.make(strategy.name, spec)
+                    return
+                expected = strategy(lean_api.problem(op, f, x, v), chunk)
+                assert_close(twins.make(strategy.name, spec)(), expected)
+                compared += 1
+    assert compared > 0
+
+
+def test_leanness_quick_run_on_tiny_shapes(tmp_path, monkeypatch, capsys):
+    """The benchmark runs every section but the fresh-process one on tiny shapes (that one's child
+    runs in this process), writes its JSON and report, lists a strategy without a twin as such,
+    and its twins agree with the strategies."""
+    monkeypatch.setenv("AUTOJAC_TUNE_BUDGET", "0.05")
+    tiny = leanness.Shape(4, 3, 2, (8,))
+    suite = leanness.Suite(first_order=(tiny,), second_order=LEAN_SHAPES[1:], grid=(("mlp-2-64-64-1", 1),),
+                           dispatch=(("jacobian", tiny),), first_call=(), new_batch=(("jacobian", tiny, (6,)),),
+                           ode=leanness.Shape(4, 2, 2, (8,)), closures=("functools.partial(f, t)",), times=(0.0, 0.5))
+    fast = dict(min_time=0.002, min_repeats=2, dispatch_rounds=2, dispatch_time=0.002)
+    settings = leanness.Settings(**{**leanness.MODES["quick"], **fast}, mode="quick", dtype="float64",
+                                 threads=torch.get_num_threads(), tune_budget=0.05, sections=(1, 2, 3, 5, 6), only=())
+
+    def per_sample_jacobian(p, chunk):
+        return vmap(torch.func.jacrev(one_sample(p.f)))(p.x)
+
+    with registry.temporary() as added:
+        added.add(Strategy(name="bench_untwinned", ops=frozenset({"jacobian"}), run=per_sample_jacobian,
+                           memory=lambda s, c: 0, needs=frozenset({BATCH_INDEPENDENT, VMAP})))
+        record = leanness.run(settings, "test", suite)
+        names = {op: set(registry.names(op)) for op in lean_api.operations()}
+    paths = leanness.write(record, tmp_path)
+    assert [p.suffix for p in paths] == [".json", ".md"] and all(p.stat().st_size for p in paths)
+    assert json.loads(paths[0].read_text())["schema"] == leanness.SCHEMA
+    rows = record["sections"]["twins"]
+    untwinned = [r for r in rows if r["strategy"] == "bench_untwinned"]
+    assert untwinned and all(r["status"] == "no twin" and r["strategy_s"] > 0 for r in untwinned)
+    for op in names:
+        assert {r["strategy"] for r in rows if r["op"] == op} == names[op]
+    assert not [r for r in rows if r["status"] in ("mismatch", "error", "twin error")]
+    compared = [r for r in rows if "ratio" in r]
+    assert compared and all(r["twin_s"] > 0 and r["ratio"] == r["strategy_s"] / r["twin_s"] for r in compared)
+    assert {r["op"] for r in compared} == set(lean_api.operations())
+    oracle = record["sections"]["lean_oracle"]
+    assert oracle and all(r["status"] == "ok" and r["lean_ratio"] > 0 for r in oracle)
+    assert record["sections"]["own_oracle"][0]["regret"] > 0
+    assert record["sections"]["dispatch"][0]["autojac_s"] > 0
+    batch = record["sections"]["new_batch"][0]
+    assert batch["batch"] == 6 and batch["within_2x"] and batch["first_s"] > 0
+    closure, growing = record["sections"]["closures"]
+    assert len(closure["steps"]) == len(growing["steps"]) == 2
+    assert closure["steps"][0]["tunings"] == 1  # the first call of a new problem tunes, and is seen tuning
+    summary = record["summary"]
+    assert "bench_untwinned" in summary["twins"]["no_twin"] and summary["lean_oracle"]["cases"] == len(oracle)
+    report = paths[1].read_text()
+    assert "## 1. Each strategy against its hand-written twin" in report and "bench_untwinned" in report
+
+    spec = json.dumps(dict(what="first call", op="jacobian", shape=dataclasses.asdict(tiny),
+                           settings=dataclasses.asdict(settings)))
+    capsys.readouterr()
+    assert leanness.main(["--child", spec]) == 0
+    child = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert child["first_s"] > 0 and child["tuned_s"] > 0 and child["tunings"] == 1
