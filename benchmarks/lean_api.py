@@ -153,7 +153,7 @@ def plan_facts(plan: autojac.Plan) -> dict:
     says so, the batch size it was tuned at (a field that may appear with issue 12)."""
     facts = {"label": plan.label, "tuned": plan.tuned, "batch_size": plan.batch_size,
              "tuning_seconds": plan.tuning_seconds}
-    for name in ("tuned_batch_size", "tuned_at", "source_batch_size"):
+    for name in ("tuned_batch", "tuned_batch_size", "tuned_at", "source_batch_size"):
         if getattr(plan, name, None) is not None:
             facts[name] = getattr(plan, name)
     return facts

@@ -259,6 +259,7 @@ def _slow(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], 
         _check_square(planner.probes(sig, problem).out_shape, problem.in_shape)
     if strategy != "auto":
         chosen, chunk = planner.forced(sig, problem, strategy)
+        planner.check_forced(sig, problem, chosen, chunk, info)
         _reset(call)
         return _finish(call, chosen(problem, chunk))
     entry, result = planner.entry(problem, sig, info, tune, glance)

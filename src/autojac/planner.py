@@ -214,18 +214,19 @@ class Planner:
             plan, result = self.plan(sig, problem, tune=tuning)
             made = True
         entry = Entry(self, sig, info, plan)
-        if sig.key not in self._trusted:
+        checked_here = sig.key in self._trusted
+        if not checked_here:
             checked = self._cross_checked(entry, problem, tuning)
             if checked is not entry:  # the plan changed: its result must come from the new plan
                 entry, result = checked, None
-            if not made and entry.next_check < math.inf:
-                entry.next_check = 1  # nobody probed f here: check that it is batch-independent now
-        elif not made and info.holds_tensors and entry.next_check < math.inf:
-            entry.next_check = 1  # f may hold other tensors than the f the plan was made for: check now
-        if glance is not None:
-            slot, name = weak_slot(problem_f(problem), self._entries, make=True)
-            if slot is not None:
-                slot[(name, glance)] = entry
+        slot, name = weak_slot(problem_f(problem), self._entries, make=True) if glance is not None else (None, None)
+        rebound = slot is not None and (name, glance) in slot  # something f reads changed since its last call
+        if not made and (not checked_here or info.holds_tensors or rebound) and entry.next_check < math.inf:
+            # Batch independence was probed on another f, in another process, or before what the key
+            # leaves out (tensors, numbers) changed: check it on this call.
+            entry.next_check = 1
+        if slot is not None:
+            slot[(name, glance)] = entry
         return entry, result
 
     def cached(self, sig: Signature, problem: Problem | None = None) -> Plan | None:
@@ -304,6 +305,23 @@ class Planner:
             raise ValueError(f"strategy {label!r} cannot be used for this f: it {reason}{hint}")
         return strategy, chunk
 
+    def check_forced(self, sig: Signature, problem: Problem, strategy: Strategy, chunk: int | None,
+                     info: FnInfo) -> None:
+        """A strategy the caller named is used as asked, but never silently wrong: cross-checked once
+        per signature against the reference (trust.py), with a warning if they disagree."""
+        label = f"{sig.key}/{candidate_label(strategy.name, chunk)}"
+        if label in self._trusted:
+            return
+        self._trusted.add(label)
+        dtype = computation_dtype(*trust.computation_dtypes(info.modules(), problem.x))
+        with preserved_buffers(info.modules()):
+            reference, why = trust.cross_check(_detached(problem), strategy, chunk, dtype)
+        if why:
+            warnings.warn(f"autojac: strategy {candidate_label(strategy.name, chunk)!r}, named for {sig.op} of "
+                          f"{sig.fn_name}, {why} on a slice of the batch; its results are likely wrong for this f "
+                          f"(use strategy='auto' to be served {reference} or another that agrees with it)",
+                          AutojacWarning, stacklevel=caller_stacklevel())
+
     def recheck(self, entry: Entry, problem: Problem) -> Tensor:
         """A scheduled re-check of batch independence (trust.py) before serving the call; if f mixes
         samples now, its plan is made again (probed afresh) and the call gets the new plan's answer."""
@@ -315,9 +333,8 @@ class Planner:
             why = quick_coupling(problem.f, problem.x, self._generator)
         if not why:
             return entry.strategy(problem, entry.chunk)
-        warnings.warn(f"autojac: {entry.sig.op} of {entry.sig.fn_name} mixes samples now ({why}), which its "
-                      f"plan ({entry.plan.label}) assumed it did not; made a new plan for it",
-                      AutojacWarning, stacklevel=caller_stacklevel())
+        log.info("%s of %s mixes samples now (%s), which its plan (%s) assumed it did not; making a new plan",
+                 entry.sig.op, entry.sig.fn_name, why, entry.plan.label)
         self.invalidate(entry.sig)
         plan, result = self.plan(entry.sig, problem, tune=config.tuning_enabled(None), again=True)
         entry.rebind(plan)

@@ -5,8 +5,9 @@ Walking a model's tree on every call costs about a microsecond per module, so mo
 watched instead: `nn.Module.__setattr__` and `__delattr__` are wrapped to advance `epoch()` when
 a watched module gets an attribute that can change what it computes (a submodule, a parameter,
 a function such as a replaced `forward`, a switch such as `training` or `batch_first`, a
-container), and registering a hook on any module advances it too. Numbers and plain tensors do
-not: a module that stashes its last activation or counts its calls is not described again on
+container, a tensor or number assigned from outside the module's forward), and registering or
+removing a hook advances it too. Plain tensors and numbers that a module's own forward assigns
+do not: a module that stashes its last activation or counts its calls is not described again on
 every call. Global hooks are compared by count on every call (`global_hooks`).
 
 What this cannot see (a dict attribute mutated in place, a class attribute rebound) is covered
@@ -16,6 +17,7 @@ by the checks of trust.py, as is everything the fingerprint leaves out.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import weakref
 from collections.abc import Iterable
@@ -58,14 +60,30 @@ def global_hooks() -> int:
 
 
 def _matters(module: nn.Module, value: Any) -> bool:
-    """Whether assigning `value` to a module can change what it computes: everything but a plain
-    tensor (an activation stashed for later) and, on a module of the user's own class, a number
-    (a counter; torch's own modules' numbers are hyperparameters, such as Dropout's p)."""
-    if isinstance(value, bool):
+    """Whether assigning `value` to a module can change what it computes: everything but what a
+    module's own forward assigns that is data (a plain tensor: an activation stashed for later; a
+    number: a count of calls). torch's own modules' numbers are hyperparameters (Dropout's p)."""
+    if isinstance(value, bool) or isinstance(value, nn.Parameter):
         return True
     if isinstance(value, (int, float, complex)):
-        return type(module).__module__.startswith("torch.")
-    return not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter)
+        return type(module).__module__.startswith("torch.") or not _in_forward(module)
+    if isinstance(value, torch.Tensor):
+        return not _in_forward(module)
+    return True
+
+
+def _in_forward(module: nn.Module) -> bool:
+    """Whether the assignment is made by the module's own forward (a few frames up: __setattr__'s
+    caller, or a helper forward calls)."""
+    code = getattr(getattr(type(module), "forward", None), "__code__", None)
+    frame: Any = sys._getframe(3)  # _in_forward <- _matters <- __setattr__ <- the assignment
+    for _ in range(4):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def install() -> None:
