@@ -37,6 +37,8 @@ core stalls small calls for milliseconds).
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import functools
 import json
@@ -212,7 +214,11 @@ SUITES = {"full": FULL, "quick": QUICK}
 
 
 def shapes_for(op: str, suite: Suite) -> tuple[Shape, ...]:
-    return suite.first_order if op == "jacobian" else suite.second_order
+    if op == "jacobian":
+        return suite.first_order
+    if op == "divergence":  # a vector field: as many outputs as inputs
+        return tuple(dict.fromkeys(dataclasses.replace(s, m=s.n) for s in suite.second_order))
+    return suite.second_order
 
 
 def selected(name: str, settings: Settings) -> bool:
@@ -252,8 +258,15 @@ def once(fn: api.Run) -> tuple[Tensor, float]:
     return api.timed(api.Clock(), fn)
 
 
-def agreement(got: Tensor, ref: Tensor) -> tuple[bool, float | None]:
-    """Whether a twin's result equals the strategy's, with a tolerance by dtype; the largest difference."""
+def agreement(got: Tensor | tuple[Tensor, ...], ref: Tensor | tuple[Tensor, ...]) -> tuple[bool, float | None]:
+    """Whether a twin's result equals the strategy's, with a tolerance by dtype; the largest difference.
+    Several quantities (derivatives) agree where each does."""
+    if isinstance(got, tuple) or isinstance(ref, tuple):
+        if not (isinstance(got, tuple) and isinstance(ref, tuple) and len(got) == len(ref)):
+            return False, None
+        pairs = [agreement(g, r) for g, r in zip(got, ref)]
+        diffs = [d for _, d in pairs if d is not None]
+        return all(ok for ok, _ in pairs), (max(diffs) if len(diffs) == len(pairs) else None)
     if not isinstance(got, Tensor) or got.shape != ref.shape:
         return False, None
     rtol, atol = {torch.float64: (1e-7, 1e-9), torch.float32: (1e-3, 1e-4)}.get(ref.dtype, (1e-2, 1e-2))

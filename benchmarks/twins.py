@@ -618,3 +618,94 @@ def _forward(s: Spec) -> Run:
             return second if op == "laplacian" else second.movedim(-1, 1)
 
     return run
+
+
+# -- divergence: the trace of each square Jacobian (m = n) ----------------------------------------
+
+def _square(s: Spec) -> None:
+    if s.out_shape != (s.n,):
+        raise NoTwin(f"the divergence needs f (B, n) -> (B, n); got per-sample output {s.out_shape}")
+
+
+@twin("div_rows", "divergence")
+def _div_rows(s: Spec) -> Run:
+    # Output coordinate i seeded on every sample: row i of every J[b], of which entry i is kept.
+    _square(s)
+    f, x0, basis, parts = s.f, s.x, input_basis(s), spans(s.n, s.chunk)
+
+    def run() -> Tensor:
+        x = leaf(x0)
+        y = f(x)
+        total = 0
+        for a, b in parts:
+            rows = autograd(y, x, basis[a:b], retain_graph=b < s.n, is_grads_batched=True)[0]  # (c, B, n)
+            total = total + rows[:, :, a:b].diagonal(dim1=0, dim2=2).sum(-1)
+        return total
+
+    return run
+
+
+@twin("div_loop", "divergence")
+def _div_loop(s: Spec) -> Run:
+    _square(s)
+    f, x0, basis, last = s.f, s.x, input_basis(s), s.n - 1
+
+    def run() -> Tensor:
+        x = leaf(x0)
+        y = f(x)
+        return sum(autograd(y, x, basis[i], retain_graph=i < last)[0][:, i] for i in range(s.n))
+
+    return run
+
+
+@twin("div_fwd", "divergence")
+def _div_fwd(s: Spec) -> Run:
+    # jvp along e_i on every sample, output entry i kept.
+    _square(s)
+    f, x, eye, parts = s.f, s.x, torch.eye(s.n, dtype=s.x.dtype, device=s.x.device), spans(s.n, s.chunk)
+    push = lambda t: jvp(f, (x,), (t.expand_as(x),))[1]  # noqa: E731
+
+    def run() -> Tensor:
+        return sum(vmap(push)(eye[a:b])[:, :, a:b].diagonal(dim1=0, dim2=2).sum(-1) for a, b in parts)
+
+    return run
+
+
+# -- derivatives: value, Jacobian and Laplacian together, as a PINN residual needs them ------------
+
+@twin("nested_derivatives", "derivatives")
+def _nested_derivatives(s: Spec) -> Run:
+    # One forward pass, one backward per output (kept differentiable), one vectorized backward per
+    # output over the input basis, the diagonal kept.
+    f, x0, seeds, basis, parts = s.f, s.x, column_seeds(s), input_basis(s), spans(s.n, s.chunk)
+
+    def run() -> tuple[Tensor, Tensor, Tensor]:
+        x = leaf(x0)
+        y = f(x)
+        grads = [autograd(y, x, seeds[k], create_graph=True)[0] for k in range(s.m)]
+        laps = [sum(autograd(g, x, basis[a:b], retain_graph=True, is_grads_batched=True)[0][:, :, a:b]
+                    .diagonal(dim1=0, dim2=2).sum(-1) for a, b in parts) for g in grads]
+        if s.scalar:
+            return y.detach(), grads[0].detach(), laps[0].detach()
+        return y.detach(), torch.stack(grads, 1).detach(), torch.stack(laps, 1).detach()
+
+    return run
+
+
+@twin("vmap_derivatives", "derivatives")
+def _vmap_derivatives(s: Spec) -> Run:
+    one = f_one(s)
+
+    def with_value(z: Tensor) -> tuple[Tensor, Tensor]:
+        y = one(z)
+        return y, y
+
+    def jacobian_and_value(z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        jac, y = jacrev(with_value, has_aux=True)(z)
+        return jac, (jac, y)
+
+    def per_sample(xi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hess, (jac, y) = jacfwd(jacobian_and_value, has_aux=True)(xi)
+        return y, jac, hess.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+    return _bind(vmap(per_sample), s.x)  # type: ignore[arg-type]

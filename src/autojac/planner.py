@@ -55,6 +55,8 @@ BATCH_REUSE_FACTOR = 2.0
 # per-call overhead, which the model does not see), cannot win and is not timed.
 PRUNE_FACTOR = 8.0
 PRUNE_ABOVE_BYTES = 16 * 2**20
+# A glance is (op, x.shape, x.dtype, x.device, x.layout, create_graph, batch_independent, tune, ...).
+GLANCE_TUNE = 7
 
 
 def heuristic_order(op: str, sizes: Sizes) -> list[str]:
@@ -178,6 +180,7 @@ class Planner:
         self._hot: dict[Signature, Plan] = {}
         self._families: dict[str, dict[int, Plan]] = {}  # Signature.family -> batch size -> tuned plan
         self._trusted: set[str] = set()  # keys whose plans were tuned or cross-checked in this process
+        self._made: set[str] = set()  # keys whose plans this process made (probing f)
         self._entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # f -> {(name, glance): Entry}
         self._probes: dict[Signature, Probes] = {}
         self._locks: dict[Signature, threading.Lock] = {}
@@ -193,7 +196,7 @@ class Planner:
         entry = slot.get((name, glance)) if slot is not None else None
         if entry is None or not entry.guards.hold():
             return None
-        if entry.plan.tuned is False and glance[-1] is None and config.tuning_enabled(None):
+        if entry.plan.tuned is False and glance[GLANCE_TUNE] is None and config.tuning_enabled(None):
             return None  # a heuristic plan, and tuning was switched on since
         if distributed.group_started():  # a plan made before the group existed must reach it too
             distributed.publish(entry.plan)
@@ -333,8 +336,13 @@ class Planner:
             why = quick_coupling(problem.f, problem.x, self._generator)
         if not why:
             return entry.strategy(problem, entry.chunk)
-        log.info("%s of %s mixes samples now (%s), which its plan (%s) assumed it did not; making a new plan",
-                 entry.sig.op, entry.sig.fn_name, why, entry.plan.label)
+        if entry.plan.key in self._made:  # probed here: f changed since (weights trained, a tensor swapped)
+            log.info("%s of %s mixes samples now (%s), which its plan (%s) assumed it did not; making a new plan",
+                     entry.sig.op, entry.sig.fn_name, why, entry.plan.label)
+        else:  # a stored plan whose claim of batch independence is wrong for this f
+            warnings.warn(f"autojac: the stored plan for {entry.sig.op} of {entry.sig.fn_name} cannot be used (its "
+                          f"strategy {entry.plan.label} needs a batch-independent f, and {why}); making a new one",
+                          AutojacWarning, stacklevel=caller_stacklevel())
         self.invalidate(entry.sig)
         plan, result = self.plan(entry.sig, problem, tune=config.tuning_enabled(None), again=True)
         entry.rebind(plan)
@@ -356,6 +364,7 @@ class Planner:
         self._families.clear()
         self._probes.clear()
         self._trusted.clear()
+        self._made.clear()
         self._entries = weakref.WeakKeyDictionary()
 
     # -- making plans ---------------------------------------------------------------------------
@@ -393,8 +402,9 @@ class Planner:
             memory={source.label: estimate}, family=sig.family,
             created=datetime_now()))
         self._memoize(sig, plan)
-        if source.key in self._trusted:
-            self._trusted.add(sig.key)
+        for known in (self._trusted, self._made):  # what was learnt of the source holds for its reuse
+            if source.key in known:
+                known.add(sig.key)
         log.info("reusing the plan of %s of %s tuned at B=%d for B=%d: %s", sig.op, sig.fn_name,
                  source.batch_size, sig.batch, plan.label)
         return plan
@@ -498,6 +508,7 @@ class Planner:
             call=sig.call,
         )
         self._memoize(sig, plan)
+        self._made.add(sig.key)
         if outcome.verified:
             self._trusted.add(sig.key)  # the winner agreed with a reference during tuning
         if persist:
