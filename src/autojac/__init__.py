@@ -5,7 +5,7 @@ from .api import Derivatives, derivatives, divergence, explain, hessian, hessian
 from .errors import (AutojacError, AutojacWarning, NoCandidateError, NonDeterministicError, PlanFileError,
                      PlanRequiredError)
 from .manage import ImportCounts, cache_path, clear_cache, export_plans, import_plans, plans, warm
-from .models import Plan
+from .models import Op, Plan
 
 __all__ = [
     "AutojacError",
@@ -14,6 +14,7 @@ __all__ = [
     "ImportCounts",
     "NoCandidateError",
     "NonDeterministicError",
+    "Op",
     "Plan",
     "PlanFileError",
     "PlanRequiredError",

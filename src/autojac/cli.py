@@ -17,7 +17,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+
+if TYPE_CHECKING:
+    from .models import Op
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -341,8 +344,8 @@ def _inputs(args: argparse.Namespace) -> list[Any]:
             for shape in args.input_shape]
 
 
-def _ops(args: argparse.Namespace) -> list[str]:
-    ops = args.op or ["jacobian"]
+def _ops(args: argparse.Namespace) -> list[Op]:
+    ops: list[Op] = args.op or ["jacobian"]  # checked below
     for op in ops:
         _check_op(op)
     return ops
@@ -367,7 +370,8 @@ def _when(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
     text = str(message).removeprefix("autojac: ")
     print(f"autojac: warning: {text}", file=sys.stderr)
 

@@ -7,14 +7,16 @@ in a plan is ever executed or unpickled.
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal, get_args
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
-OPS = ("jacobian", "hessian", "hvp", "hessian_diag", "laplacian", "divergence", "derivatives")
+# The operations, for type checkers: `op: autojac.Op` accepts these strings and flags others.
+Op = Literal["jacobian", "hessian", "hvp", "hessian_diag", "laplacian", "divergence", "derivatives"]
+OPS: tuple[Op, ...] = get_args(Op)
 # What `derivatives` can compute together, in the order its results come in.
 DERIVATIVES = ("value", "jacobian", "hessian_diag", "laplacian", "hessian")
-FILE_FORMAT = "autojac-plans"
+FILE_FORMAT: Final = "autojac-plans"
 # Bumped whenever Plan or PlanFile change incompatibly; part of every cache key and file name.
 FORMAT_VERSION = 2
 

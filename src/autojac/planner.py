@@ -27,6 +27,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +46,9 @@ from .strategies import registry
 from .strategies.registry import BATCH_INDEPENDENT, VMAP, Strategy, normal_tensor
 from .timing import Clock, TuneSettings, clock_for
 from .tuner import Candidate, caller_stacklevel, choose
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 log = logging.getLogger("autojac")
 
@@ -178,7 +182,7 @@ class Planner:
         self._hot: dict[Signature, Plan] = {}
         self._families: dict[str, dict[int, Plan]] = {}  # Signature.family -> batch size -> tuned plan
         self._trusted: set[str] = set()  # keys whose plans were tuned or cross-checked in this process
-        self._entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # f -> {(name, glance): Entry}
+        self._entries: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()  # f -> {(name, glance): Entry}
         self._probes: dict[Signature, Probes] = {}
         self._locks: dict[Signature, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -186,7 +190,7 @@ class Planner:
 
     # -- the hot path ---------------------------------------------------------------------------
 
-    def serve(self, f: BatchedFn, glance: tuple) -> Entry | None:
+    def serve(self, f: BatchedFn, glance: tuple[object, ...]) -> Entry | None:
         """The entry remembered for f and calls that look like `glance`, if f's description still
         holds (nothing it was made from was rebound); None: take the slow path (`entry`)."""
         slot, name = weak_slot(f, self._entries, make=False)
@@ -202,7 +206,7 @@ class Planner:
     # -- the slow path --------------------------------------------------------------------------
 
     def entry(self, problem: Problem, sig: Signature, info: FnInfo, tune: bool | None,
-              glance: tuple | None = None) -> tuple[Entry, Tensor | None]:
+              glance: tuple[object, ...] | None = None) -> tuple[Entry, Tensor | None]:
         """The entry serving this call (made, found by batch size, or read; checked if this process
         did not tune it), remembered for `glance`; and the result when making the plan computed it."""
         tuning = config.tuning_enabled(tune)
@@ -525,7 +529,7 @@ def _detached(problem: Problem) -> Problem:
     return problem.replace(x=x.detach().requires_grad_(True))
 
 
-def datetime_now():  # noqa: ANN201 - a datetime, as Plan.created wants
+def datetime_now() -> datetime:  # as Plan.created wants
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc)
@@ -593,9 +597,9 @@ class _BackwardPass:
         results = [r for r in (result if isinstance(result, tuple) else (result,)) if r.requires_grad]
         if not results:
             return
-        loss = sum(r.sum() for r in results)
+        loss = cast(Tensor, sum(r.sum() for r in results))
         if self.leaves is None:
-            self.leaves = _graph_leaves(loss)  # type: ignore[arg-type]
+            self.leaves = _graph_leaves(loss)
         if self.leaves:
             torch.autograd.grad(loss, self.leaves, allow_unused=True, retain_graph=True)
 
@@ -622,7 +626,7 @@ def _warm_transforms() -> None:
     """Pay torch.func's one-time start-up (over a second for the first vjp) outside any budget."""
     x = torch.ones(2, 1)
     with torch.no_grad():
-        _, pullback = torch.func.vjp(torch.sin, x)
+        _, pullback = torch.func.vjp(torch.sin, x)  # type: ignore[misc]  # annotated with has_aux's triple too
         torch.func.vmap(pullback)(torch.ones(1, 2, 1))
         torch.func.vmap(lambda t: torch.func.jvp(torch.sin, (x,), (t,)))(torch.ones(1, 2, 1))
 

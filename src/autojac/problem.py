@@ -58,7 +58,7 @@ class Problem:
 
     def replace(self, **changes: Any) -> Problem:
         """A copy with some fields changed (another x, say)."""
-        fields = {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        fields = {name: getattr(self, name) for name in self.__slots__}
         fields.update(changes)
         return Problem(**fields)
 

@@ -99,7 +99,7 @@ class Guards:
     epoch: int = 0
     hooks: int = 0
     slots: list[tuple[Any, Any, int]] = field(default_factory=list)  # (dict or mapping, key, id)
-    items: list[tuple[list, int, int]] = field(default_factory=list)  # (list, index, id)
+    items: list[tuple[list[Any], int, int]] = field(default_factory=list)  # (list, index, id)
     cells: list[tuple[types.CellType, int]] = field(default_factory=list)
 
     def hold(self) -> bool:
@@ -123,7 +123,7 @@ class FnInfo:
 
     name: str
     fingerprint: str
-    module_refs: tuple[weakref.ref, ...]  # every nn.Module reached, held weakly
+    module_refs: tuple[weakref.ref[nn.Module], ...]  # every nn.Module reached, held weakly
     guards: Guards
     holds_tensors: bool = False  # f reaches tensors other than its modules' parameters and buffers
 
@@ -189,7 +189,7 @@ class _Walker:
             self._seen.add(id(obj))
             self.reference(obj, depth)
 
-    def container(self, obj: tuple | list | dict, depth: int, fixed: bool = False) -> None:
+    def container(self, obj: tuple[Any, ...] | list[Any] | dict[Any, Any], depth: int, fixed: bool = False) -> None:
         if len(obj) > _MAX_ITEMS or depth > _MAX_DEPTH:
             return
         if isinstance(obj, dict):
@@ -199,7 +199,7 @@ class _Walker:
         for index, item in enumerate(obj):
             if isinstance(obj, list):
                 self.guards.items.append((obj, index, id(item)))
-            self.labelled(f"[{index}]", lambda item=item: self.value(item, depth + 1, fixed=fixed))
+            self.labelled(f"[{index}]", functools.partial(self.value, item, depth + 1, fixed=fixed))
 
     def reference(self, obj: Any, depth: int) -> None:
         if isinstance(obj, nn.Module):
@@ -243,11 +243,11 @@ class _Walker:
                 function = getattr(member, "__func__", member)  # staticmethod, classmethod
                 if isinstance(function, types.FunctionType):
                     self.guards.slots.append((vars(klass), name, id(member)))
-                    self.labelled(f"{klass.__qualname__}.{name}", lambda f=function: self.value(f, depth + 1))
+                    self.labelled(f"{klass.__qualname__}.{name}", functools.partial(self.value, function, depth + 1))
 
     def module(self, module: nn.Module) -> None:
         # Module trees are walked whole whatever their depth: their structure decides the plan.
-        cls = type(module)
+        cls: type = type(module)  # plain `type`: mypy takes a Module class for unhashable
         self.modules.append(module)
         self.add(f"{_qualname(cls)}({module.extra_repr()}){_hook_text(module)}")
         for name, tensor in (*module._parameters.items(), *module._buffers.items()):
@@ -274,7 +274,7 @@ class _Walker:
         self.value(f.__kwdefaults__ or {}, depth + 1, fixed=True)
         for name, cell in zip(code.co_freevars, f.__closure__ or ()):
             self.guards.cells.append((cell, id(_cell_value(cell))))
-            self.labelled(f"free {name}", lambda cell=cell: self.value(_cell_value(cell), depth + 1, fixed=True))
+            self.labelled(f"free {name}", functools.partial(self.value, _cell_value(cell), depth + 1, fixed=True))
         for name in _global_names(code):
             obj = f.__globals__.get(name, _MISSING)
             if obj is not _MISSING and not isinstance(obj, (types.ModuleType, type)):  # imports, classes: code
@@ -322,7 +322,8 @@ def _hook_text(module: nn.Module) -> str:
     return f" hooks {counts}" if any(counts) else ""
 
 
-def weak_slot(f: Any, table: weakref.WeakKeyDictionary, make: bool) -> tuple[dict | None, Any]:
+def weak_slot(f: Any, table: weakref.WeakKeyDictionary[Any, dict[Any, Any]],
+              make: bool) -> tuple[dict[Any, Any] | None, Any]:
     """The dict kept for f in `table` (weakly: f's death drops it; made if `make`), and f's key in
     it; bound methods are new objects on every access, so theirs is kept under their object.
     (None, None) when there is none, or f cannot be referenced weakly."""
@@ -347,7 +348,7 @@ def describe(f: Callable[..., Any]) -> FnInfo:
     return info
 
 
-_DESCRIPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DESCRIPTIONS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
 def _cell_value(cell: types.CellType) -> Any:
