@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
+from ._version import __version__
+
 if TYPE_CHECKING:
     from .models import Op
 
@@ -228,6 +230,7 @@ def _add_problem_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autojac", description="Autotuned per-sample derivatives for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"autojac {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log tuning decisions (INFO)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
