@@ -454,6 +454,10 @@ class Planner:
             excluded.update(exclude)
         if not pool:
             raise NoCandidateError(sig.op, excluded, _memory_hint(excluded, sig.batch))
+        if tune:  # a tuning can take many seconds: say what it is before it starts
+            log.info("tuning %s of %s [B=%d in=%s out=%s %s %s]: %d candidates (%d excluded), budget %g s",
+                     sig.op, sig.fn_name, sig.batch, sig.in_shape, probes.out_shape, sig.dtype, sig.device,
+                     len(pool), len(excluded), settings.budget)
         modules = describe(problem_f(problem)).modules()
         # Tuning runs candidates on a detached x, so that its backward passes never reach into the
         # caller's graph; the caller's call then runs the winner on the caller's x.

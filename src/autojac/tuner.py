@@ -187,6 +187,8 @@ class _Tuning:
         except Exception as error:  # a failing candidate is data: excluded with its reason
             failure = describe_failure(error)
             del error
+        log.debug("candidate %d of %d, %s: %s", self.pool.index(candidate) + 1, len(self.pool), label,
+                  failure or f"{seconds * 1e3:.3g} ms ({self._spent():.2f} s into tuning)")
         if failure:
             self.excluded[label] = failure
             if failure.startswith("out of memory"):
