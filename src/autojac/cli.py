@@ -59,12 +59,13 @@ def _plans(args: argparse.Namespace) -> int:
     if not found:
         print(f"no plans (cache: {manage.cache_path()})")
         return 0
-    rows = [("KEY", "OP", "FUNCTION", "B", "IN", "OUT", "DTYPE", "DEVICE", "STRATEGY", "TIME", "HOW",
+    # OPTIONS: what else tells plans of one operation, f and shape apart (create_graph, ...)
+    rows = [("KEY", "OP", "FUNCTION", "B", "IN", "OUT", "DTYPE", "DEVICE", "OPTIONS", "STRATEGY", "TIME", "HOW",
              "CREATED (UTC)")]
     for plan in found:
         seconds = plan.timings.get(plan.label)
         rows.append((plan.key[:10], plan.op, plan.fn_name, str(plan.batch_size), _shape(plan.in_shape),
-                     _shape(plan.out_shape), plan.dtype, plan.device, plan.label,
+                     _shape(plan.out_shape), plan.dtype, plan.device, plan.options_text() or "-", plan.label,
                      "-" if seconds is None else f"{seconds * 1e3:.3f} ms", "tuned" if plan.tuned else "heuristic",
                      plan.created.strftime("%Y-%m-%d %H:%M")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
