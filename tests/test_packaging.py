@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,3 +62,14 @@ def test_the_logger_prints_nothing_unless_the_application_configures_logging(mon
     logging.getLogger("autojac").warning("must not be printed")
     logging.getLogger("some.other.library").warning("printed")
     assert printed.getvalue() == "printed\n"
+
+
+def test_the_readme_and_sources_point_only_at_files_in_the_repository():
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#]+)\)", readme)  # relative Markdown links and images
+    local = [link for link in links if "://" not in link]
+    assert "docs/design.md" in local and "LICENSE" in local
+    assert [link for link in local if not (ROOT / link).exists()] == []
+    texts = [readme, *(p.read_text() for folder in ("src", "benchmarks", "docs") for p in (ROOT / folder).rglob("*")
+                       if p.suffix in (".py", ".md"))]
+    assert not any("DESIGN.md" in text for text in texts)  # the design notes live in docs/design.md
