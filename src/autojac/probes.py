@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from .numerics import agree
-from .problem import BatchedFn, Problem, check_output
+from .problem import BatchedFn, Problem, check_output, hint_unbatched
 from .strategies.basis import one_sample, per_sample
 
 
@@ -49,7 +49,8 @@ def run_probes(f: BatchedFn, x: Tensor, batch_independent: bool | None = None,
         xg = copy.detach().requires_grad_(True)  # shares copy's version counter
         saved = _SavedBytes()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-            y = _call_refusing_in_place(f, xg)
+            with hint_unbatched(x):  # f failing on an x of shape (n,) gets a hint
+                y = _call_refusing_in_place(f, xg)
         _check_unchanged(copy, x)
         out_shape = check_output(y, x)
         coupling = ""
