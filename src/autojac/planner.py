@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
-from . import cache, config, distributed, memory, trust
+from . import cache, compiled, config, distributed, memory, trust
 from ._version import __version__
 from .buffers import BufferSnapshot, preserved_buffers
 from .errors import AutojacWarning, NoCandidateError, NonDeterministicError, PlanRequiredError
@@ -434,6 +434,8 @@ class Planner:
               persist: bool = True, exclude: dict[str, str] | None = None) -> tuple[Plan, Tensor | None]:
         if tune:
             _warm_transforms()
+        # a torch.compile'd f is probed and tuned uncompiled: compile time is no strategy's time
+        problem = compiled.for_tuning(problem)
         clock = self.clock(problem.x.device)
         started = clock.now()
         wall = time.perf_counter()

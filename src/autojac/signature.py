@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from . import watch
+from . import compiled, watch
 from .models import FORMAT_VERSION
 
 TORCH_VERSION = torch.__version__
@@ -286,7 +286,7 @@ def _walk(f: Any) -> _Walker:
     walker = _Walker()
     walker.guards.epoch = watch.epoch()  # taken first: a change during the walk fails the guard later
     walker.guards.hooks = watch.global_hooks()
-    walker.value(f, 0)
+    walker.value(compiled.original(f), 0)  # a torch.compile'd function: not dynamo's wrapper, which changes
     if walker.modules:  # global hooks run around every module's forward
         walker.add(f"global hooks {walker.guards.hooks}")
         watch.watch(walker.modules)
