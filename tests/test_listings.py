@@ -104,3 +104,12 @@ def test_the_reason_matches_what_the_tuner_did():
     assert plan.strategy == "sum_grad"
     assert "sum_grad won though sum_rev was faster (x1.03)" in plan.summary()
     assert "the lower memory estimate (50 B against 100 B)" in plan.summary()
+
+
+def test_how_a_plan_was_made_and_the_call_it_serves_are_listed(capsys):
+    plan = autojac.explain(mlp(5, 3), torch.randn(4, 5))
+    assert plan.call_options() == {}  # evidence (activations, family, ...) is not an option
+    reused = plan.model_copy(update=dict(tuned_batch=8, call="args=(0,None)"))
+    assert reused.how() == "tuned at B=8" and reused.options_text() == "call=args=(0,None)"
+    assert reused.summary().splitlines()[0].endswith("call=args=(0,None)]: " + f"{plan.label} (tuned at B=8)")
+    assert plan.how() == "tuned" and plan.model_copy(update=dict(tuned=False)).how() == "heuristic"

@@ -66,7 +66,7 @@ def _plans(args: argparse.Namespace) -> int:
         seconds = plan.timings.get(plan.label)
         rows.append((plan.key[:10], plan.op, plan.fn_name, str(plan.batch_size), _shape(plan.in_shape),
                      _shape(plan.out_shape), plan.dtype, plan.device, plan.options_text() or "-", plan.label,
-                     "-" if seconds is None else f"{seconds * 1e3:.3f} ms", "tuned" if plan.tuned else "heuristic",
+                     "-" if seconds is None else f"{seconds * 1e3:.3f} ms", plan.how(),
                      plan.created.strftime("%Y-%m-%d %H:%M")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

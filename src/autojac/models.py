@@ -126,7 +126,7 @@ class Plan(BaseModel):
 
     def summary(self, width: int = 160) -> str:
         """A few readable lines: what won, how fast, what else was tried and why not."""
-        how = "tuned" if self.tuned else "heuristic"
+        how = self.how()
         shape = f"B={self.batch_size} in={self.in_shape} out={self.out_shape}"
         options = self.options_text()
         lines = [f"{self.op} of {self.fn_name} [{shape} {self.dtype} {self.device}{' ' + options if options else ''}]: "
@@ -152,6 +152,12 @@ class Plan(BaseModel):
             lines.append(f"  excluded {names}: {text}")
         return "\n".join(lines)
 
+
+    def how(self) -> str:
+        """'tuned', 'tuned at B=512' (a plan reused for a batch size it was not timed at) or 'heuristic'."""
+        if not self.tuned:
+            return "heuristic"
+        return "tuned" if self.tuned_batch is None else f"tuned at B={self.tuned_batch}"
 
     def why_not_fastest(self) -> str:
         """Why the winner won when a timed candidate was faster (the tuner's tie rule); else empty."""
@@ -184,7 +190,8 @@ class Plan(BaseModel):
 _NOT_OPTIONS = frozenset({
     "key", "op", "strategy", "chunk", "timings", "spread", "excluded", "memory", "tuned", "batch_independent",
     "vmap_ok", "deterministic", "batch_size", "in_shape", "out_shape", "dtype", "device", "device_name", "fn_name",
-    "fingerprint", "torch_version", "autojac_version", "threads", "tuning_seconds", "created",
+    "fingerprint", "torch_version", "autojac_version", "threads", "tuning_seconds", "created", "tuned_batch",
+    "activations", "family",
 })
 
 
