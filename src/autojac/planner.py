@@ -182,7 +182,8 @@ class Planner:
         self._hot: dict[Signature, Plan] = {}
         self._families: dict[str, dict[int, Plan]] = {}  # Signature.family -> batch size -> tuned plan
         self._trusted: set[str] = set()  # keys whose plans were tuned or cross-checked in this process
-        self._entries: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()  # f -> {(name, glance): Entry}
+        # f -> {(name, glance): Entry}
+        self._entries: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
         self._probes: dict[Signature, Probes] = {}
         self._locks: dict[Signature, threading.Lock] = {}
         self._guard = threading.Lock()

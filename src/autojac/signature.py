@@ -189,7 +189,8 @@ class _Walker:
             self._seen.add(id(obj))
             self.reference(obj, depth)
 
-    def container(self, obj: tuple[Any, ...] | list[Any] | dict[Any, Any], depth: int, fixed: bool = False) -> None:
+    def container(self, obj: tuple[Any, ...] | list[Any] | dict[Any, Any], depth: int,
+                  fixed: bool = False) -> None:
         if len(obj) > _MAX_ITEMS or depth > _MAX_DEPTH:
             return
         if isinstance(obj, dict):
