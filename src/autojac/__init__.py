@@ -3,7 +3,8 @@
 import logging
 
 from ._version import __version__
-from .api import Derivatives, derivatives, divergence, explain, hessian, hessian_diag, hvp, jacobian, laplacian
+from .api import (Derivatives, Estimator, Quantity, derivatives, divergence, explain, hessian, hessian_diag, hvp,
+                  jacobian, laplacian)
 from .errors import (AutojacError, AutojacWarning, NoCandidateError, NonDeterministicError, PlanFileError,
                      PlanRequiredError)
 from .manage import ImportCounts, cache_path, clear_cache, export_plans, import_plans, plans, warm
@@ -16,6 +17,7 @@ __all__ = [
     "AutojacError",
     "AutojacWarning",
     "Derivatives",
+    "Estimator",
     "ImportCounts",
     "NoCandidateError",
     "NonDeterministicError",
@@ -23,6 +25,7 @@ __all__ = [
     "Plan",
     "PlanFileError",
     "PlanRequiredError",
+    "Quantity",
     "__version__",
     "cache_path",
     "clear_cache",

@@ -19,6 +19,7 @@ from .signature import FnInfo, Signature, describe, signature
 from .strategies.registry import normal_tensor
 
 Quantity = Literal["value", "jacobian", "hessian_diag", "laplacian", "hessian"]
+Estimator = Literal["exact", "hutchinson"]
 Inputs = Union[Tensor, Sequence[Tensor]]
 Dims = Union[Sequence[int], Tensor, None]
 
@@ -127,7 +128,7 @@ def laplacian(f: BatchedFn, x: Tensor, *, args: Sequence[Any] = (), in_dims: Any
 
 
 def divergence(f: BatchedFn, x: Tensor, *, args: Sequence[Any] = (), in_dims: Any = None, has_aux: bool = False,
-               estimator: Literal["exact", "hutchinson"] = "exact", samples: int = 1,
+               estimator: Estimator = "exact", samples: int = 1,
                generator: torch.Generator | None = None, strategy: str = "auto", create_graph: bool = False,
                batch_independent: bool | None = None, tune: bool | None = None) -> Any:
     """Divergence of a vector field: the trace of each per-sample Jacobian, for f whose per-sample

@@ -16,6 +16,8 @@ autojac.explain(model, x, op="jacobain")  # error: arg-type
 autojac.warm(model, x, ops=("hessain",))  # error: arg-type
 autojac.plans(op="laplace")  # error: arg-type
 wrong: Op = "hessian-diag"  # error: assignment
-J: int = autojac.jacobian(model, x)  # error: assignment
+D: int = autojac.derivatives(model, x)  # error: assignment
 autojac.jacobian(model, x, create_graph="yes")  # error: arg-type
 autojac.hvp(model, x)  # error: call-arg
+autojac.divergence(nn.Linear(3, 3), x, estimator="hutchinsn")  # error: arg-type
+autojac.derivatives(model, x, ops=("value", "laplace"))  # error: arg-type

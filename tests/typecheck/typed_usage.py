@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from typing_extensions import assert_type
 
 import autojac
-from autojac import Op, Plan
+from autojac import Estimator, Op, Plan, Quantity
 
 
 def per_sample_derivatives(model: nn.Module, x: Tensor) -> dict[Op, Tensor]:
@@ -24,6 +24,21 @@ def per_sample_derivatives(model: nn.Module, x: Tensor) -> dict[Op, Tensor]:
         "hessian_diag": autojac.hessian_diag(model, x, create_graph=True, tune=False),
         "laplacian": autojac.laplacian(model, x, strategy="auto", batch_independent=True, tune=False),
     }
+
+
+def flow_terms(field: nn.Module, x: Tensor, estimator: Estimator = "exact") -> Tensor:
+    """The divergence of a vector field (B, n) -> (B, n), exact or estimated."""
+    generator = torch.Generator().manual_seed(0)
+    divergence: Tensor = autojac.divergence(field, x, estimator=estimator, samples=4, generator=generator)
+    return divergence
+
+
+def pinn_terms(u: nn.Module, x: Tensor, wanted: tuple[Quantity, ...] = ("value", "laplacian")) -> Tensor:
+    """A Poisson residual from the value and the Laplacian, computed together."""
+    found = autojac.derivatives(u, x, ops=wanted, tune=False)
+    assert found.value is not None and found.laplacian is not None
+    residual: Tensor = found.laplacian - found.value
+    return residual
 
 
 def describe(model: nn.Module, x: Tensor, op: Op = "jacobian") -> str:
@@ -39,6 +54,9 @@ def main() -> list[str]:
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     x = torch.randn(5, 3)
     results = per_sample_derivatives(model, x)
+    field = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+    assert flow_terms(field, x).shape == flow_terms(field, x, "hutchinson").shape == (5,)
+    assert pinn_terms(model, x).shape == (5, 2)
     assert_type(results["jacobian"], Tensor)
     lines = [describe(model, x, op) for op in results]
     plans: list[Plan] = autojac.warm(model, x, ops=("jacobian", "laplacian"), tune=False)
