@@ -150,7 +150,7 @@ def _lean(rows: list[dict]) -> list[str]:
 
 
 def _own(rows: list[dict]) -> list[str]:
-    lines = ["### autojac against its own strategies, DESIGN.md's grid", "",
+    lines = ["### autojac against its own strategies, docs/design.md's grid", "",
              "MLP n -> 64 -> 64 -> m (tanh), the Jacobian: autojac's tuned call against each candidate the planner "
              "weighed, called directly (after screening: one call each; those over 2x the fastest, or that the tuner "
              "timed at over 3x its fastest, are left out). 'Choice alone': the chosen strategy called directly over "

@@ -11,7 +11,7 @@ median of their medians), with a fresh in-memory planner per measurement:
    (benchmarks/twins.py: the same method in plain torch), whose result must equal the strategy's.
    Target: within 1.05x or 5 us. A strategy without a twin is listed as "no twin".
 2. Oracles. autojac's tuned public call against the fastest twin of any strategy on that shape
-   (the lean oracle; targets 1.10 geomean, 1.25 worst), and, on DESIGN.md's 27-shape grid, against
+   (the lean oracle; targets 1.10 geomean, 1.25 worst), and, on docs/design.md's 27-shape grid, against
    the fastest of its own candidate strategies called directly (targets 1.05 geomean, 1.3 worst).
 3. Hot path. A tuned public call minus the chosen strategy called directly, on small models
    (target <= 5 us): many interleaved rounds, the median of the rounds' differences.
@@ -427,7 +427,7 @@ def _oracle_line(row: dict) -> str:
 
 
 def section_own_oracle(settings: Settings, suite: Suite) -> list[dict]:
-    """DESIGN.md's grid: autojac's tuned call against its own candidates called directly."""
+    """docs/design.md's grid: autojac's tuned call against its own candidates called directly."""
     by_name = {w.name: w for w in DESIGN_GRID}
     results = []
     for workload, batch in ((by_name[name], b) for name, b in suite.grid):

@@ -131,7 +131,7 @@ def headline_table(run: Run, groups: list[GroupSummary]) -> list[str]:
 
 
 def strategy_table(group: GroupSummary) -> list[str]:
-    """DESIGN.md's table: each fixed strategy's shapes won and slowdown against the oracle."""
+    """The table of docs/design.md's grid: each fixed strategy's shapes won and slowdown against the oracle."""
     lines = ["| strategy | shapes won | geometric-mean slowdown | worst slowdown |", "|---|---|---|---|"]
     for name in sorted(group.slowdown_geomean, key=lambda n: (-group.wins.get(n, 0), group.slowdown_geomean[n])):
         lines.append(f"| `{name}` | {group.wins.get(name, 0)} | {group.slowdown_geomean[name]:.2f} "
@@ -245,7 +245,7 @@ def readme_fragment(run: Run, plot: str | None) -> str:
                 f"winning strategy directly (median).", ""]
     grid = next((g for g in run.summaries if g.suite == "design-grid" and g.op == "jacobian"), None)
     if grid is not None:
-        out += ["On DESIGN.md's 27-shape grid, each fixed strategy against the fastest one per shape:", "",
+        out += ["On the 27-shape grid of docs/design.md, each fixed strategy against the fastest one per shape:", "",
                 *strategy_table(grid), ""]
     if plot:
         out += [f"![speed-up over the tutorial recipe, autojac and the oracle]({plot})", ""]

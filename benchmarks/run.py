@@ -1,6 +1,7 @@
 """The benchmark runner: `python -m benchmarks.run [--quick] [--suite NAME ...] [--only TEXT ...]`.
 
-Writes, under benchmarks/results/ (or --out): DEVICE-DATE-MODE.json (validated by
+Writes, into --out (default: the user cache dir's autojac-benchmarks, outside the source tree;
+--publish: benchmarks/results, the published figures): DEVICE-DATE-MODE.json (validated by
 `benchmarks.schema.Run`), the same stem .md (tables) and .png (speed-ups), and, for a full run
 or with --summary, SUMMARY.md, the README's benchmark section.
 
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+import platformdirs
 import torch
 
 import autojac
@@ -35,7 +37,12 @@ from .measure import available_ops, measure_case
 from .schema import CaseResult, Machine, Run, Settings
 from .workloads import FULL, SUITES, Case, suite
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # the published figures: written only with --publish
+
+
+def default_out() -> Path:
+    """Where a run writes unless told: outside the source tree (~/.cache/autojac-benchmarks on Linux)."""
+    return platformdirs.user_cache_path("autojac-benchmarks")
 
 # Per mode: seconds and repeats of timing per contender, single-call and stop caps, the case estimate cap,
 # chunk sizes, coupled-only strategies, peak memory, seconds per side of the dispatch comparison,
@@ -55,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"suites to run (repeatable); default: {', '.join(FULL)} (quick: quick)")
     parser.add_argument("--only", action="append", metavar="TEXT", help="only workloads whose name contains TEXT")
     parser.add_argument("--ops", action="append", metavar="OP", help="only these operations (repeatable)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the results")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help=f"where to write the results (default: {default_out()})")
+    parser.add_argument("--publish", action="store_true",
+                        help=f"write them into the repository's published figures, {RESULTS}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring")
     parser.add_argument("--min-time", type=float, help="seconds of timed calls per contender")
@@ -73,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge", nargs="+", type=Path, metavar="RUN.json",
                         help="join these runs (same machine and settings, different suites) and write the reports")
     return parser
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """--out, else benchmarks/results with --publish, else `default_out()`."""
+    if args.publish and args.out is not None and args.out.resolve() != RESULTS:
+        raise SystemExit(f"--publish writes into {RESULTS}; leave out --out {args.out}, or --publish")
+    return RESULTS if args.publish else args.out or default_out()
 
 
 def _settings(args: argparse.Namespace, argv: Sequence[str], ops: list[str]) -> Settings:
@@ -119,6 +136,7 @@ def _line(i: int, total: int, result: CaseResult) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.out = output_dir(args)
     if args.merge:
         try:
             run = merge([Run.model_validate_json(path.read_text()) for path in args.merge])

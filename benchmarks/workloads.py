@@ -169,7 +169,7 @@ def _by_name(name: str) -> Workload:
 
 
 def _suite_design_grid(ops: tuple[str, ...]) -> list[Case]:
-    # DESIGN.md's 27 shapes: CPU, MLP with two hidden layers of 64, float32, the Jacobian.
+    # The 27 shapes of docs/design.md: CPU, MLP with two hidden layers of 64, float32, the Jacobian.
     if "jacobian" not in ops:
         return []
     return [Case("design-grid", w, "jacobian", b) for b in (1, 32, 512) for w in DESIGN_GRID]

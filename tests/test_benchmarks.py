@@ -422,3 +422,22 @@ def test_leanness_quick_run_on_tiny_shapes(tmp_path, monkeypatch, capsys):
     assert leanness.main(["--child", spec]) == 0
     child = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert child["first_s"] > 0 and child["tuned_s"] > 0 and child["tunings"] == 1
+
+
+def test_results_go_outside_the_source_tree_unless_published(tmp_path):
+    parser = run.build_parser()
+    default = run.output_dir(parser.parse_args(["--quick"]))
+    assert default == run.default_out() and ROOT not in default.resolve().parents
+    assert run.output_dir(parser.parse_args(["--quick", "--out", str(tmp_path)])) == tmp_path
+    assert run.output_dir(parser.parse_args(["--publish"])) == run.RESULTS == ROOT / "benchmarks" / "results"
+    assert run.output_dir(parser.parse_args(["--publish", "--out", str(run.RESULTS)])) == run.RESULTS
+    with pytest.raises(SystemExit, match="--publish writes into"):
+        run.output_dir(parser.parse_args(["--publish", "--out", str(tmp_path)]))
+
+
+def test_a_run_without_out_writes_into_the_default_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "default_out", lambda: tmp_path / "default")
+    before = {path: path.stat().st_mtime_ns for path in run.RESULTS.rglob("*")}
+    assert run.main([*FAST, "--ops", "jacobian", "--only", "tiny-mlp-3-8-2", "--no-plot"]) == 0
+    assert _load(tmp_path / "default").settings.suites == ["tiny"]
+    assert {path: path.stat().st_mtime_ns for path in run.RESULTS.rglob("*")} == before  # published: untouched

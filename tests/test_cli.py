@@ -1,6 +1,7 @@
 """Every command of `autojac`, its output and its exit code, including bad arguments."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -256,3 +257,41 @@ def test_python_dash_m_autojac_reports_a_missing_module_with_exit_code_2(tmp_pat
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == ["autojac: error: cannot import 'no_such_module_xyz': no module named "
                                         "'no_such_module_xyz' (is it on PYTHONPATH, or in the current directory?)"]
+
+
+# -- progress of `autojac warm` ------------------------------------------------------------------
+
+def test_warm_shows_a_bar_on_a_terminal_with_tqdm(capsys, models, monkeypatch):
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, out, err = run(capsys, "warm", "cli_models:make", "--input-shape", "4,5", "--input-shape", "7,5")
+    assert code == 0, err
+    assert "jacobian B=7 in=(5,)" in err and "2/2" in err and "plan" in err  # the bar, on stderr
+    lines = out.splitlines()  # stdout is as without the bar
+    assert lines[0].startswith("[1/2] jacobian of ") and lines[1].startswith("[2/2] jacobian of ")
+    assert lines[2] == f"2 plans in {autojac.cache_path()}"
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal without tqdm", "not a terminal"])
+def test_warm_prints_plain_lines_without_tqdm_or_a_terminal(capsys, models, monkeypatch, terminal):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm fails
+    code, out, err = run(capsys, "warm", "cli_models:make", "--input-shape", "4,5")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0].startswith("[1/1] jacobian of Net B=4 in=(5,) float32 cpu: ")
+
+
+def test_warm_verbose_logs_what_is_tuned_and_each_candidate(capsys, models, caplog):
+    try:
+        code, _, err = run(capsys, "-vv", "warm", "cli_models:make", "--input-shape", "4,5")
+    finally:
+        logging.getLogger("autojac").setLevel(logging.NOTSET)
+    assert code == 0, err
+    (plan,) = autojac.plans()
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "autojac"]
+    start = f"tuning jacobian of Net [B=4 in=(5,) out=(3,) float32 cpu]: {len(plan.memory)} candidates"
+    assert messages[0][0] == logging.INFO and messages[0][1].startswith(start)  # first, before any candidate
+    tried = {m.split(", ")[1].split(":")[0] for level, m in messages if m.startswith("candidate ")
+             and level == logging.DEBUG}
+    assert set(plan.timings) <= tried <= set(plan.memory)  # each candidate run, once, at DEBUG
+    assert messages[-1][0] == logging.INFO and messages[-1][1].startswith("tuned jacobian of Net")

@@ -12,14 +12,14 @@ from torch import Tensor
 
 from . import calls, config
 from .errors import AutojacError
-from .models import DERIVATIVES, OPS, Plan
+from .models import DERIVATIVES, OPS, Op, Plan
 from .planner import default_planner
 from .problem import BatchedFn, Problem, check_f, check_output, check_v, result_shape
 from .signature import FnInfo, Signature, describe, signature
 from .strategies.registry import normal_tensor
 
-Op = Literal["jacobian", "hessian", "hvp", "hessian_diag", "laplacian", "divergence", "derivatives"]
 Quantity = Literal["value", "jacobian", "hessian_diag", "laplacian", "hessian"]
+Estimator = Literal["exact", "hutchinson"]
 Inputs = Union[Tensor, Sequence[Tensor]]
 Dims = Union[Sequence[int], Tensor, None]
 
@@ -128,7 +128,7 @@ def laplacian(f: BatchedFn, x: Tensor, *, args: Sequence[Any] = (), in_dims: Any
 
 
 def divergence(f: BatchedFn, x: Tensor, *, args: Sequence[Any] = (), in_dims: Any = None, has_aux: bool = False,
-               estimator: Literal["exact", "hutchinson"] = "exact", samples: int = 1,
+               estimator: Estimator = "exact", samples: int = 1,
                generator: torch.Generator | None = None, strategy: str = "auto", create_graph: bool = False,
                batch_independent: bool | None = None, tune: bool | None = None) -> Any:
     """Divergence of a vector field: the trace of each per-sample Jacobian, for f whose per-sample
@@ -216,7 +216,7 @@ def _run(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], i
          dims: Dims, strategy: str, create_graph: bool, batch_independent: bool | None, tune: bool | None,
          want: tuple[str, ...] = ()) -> Any:
     plain = type(args) is tuple and not args and in_dims is None and has_aux is False and dims is None and not want
-    glance = None
+    glance: tuple[object, ...] | None = None
     if strategy == "auto" and (create_graph is True or create_graph is False) and _peek_transform() is None:
         # The hot path: a plan served to this f for a call that looks the same (an x like this one
         # was checked when the entry was made; f's guards are checked on every call).
@@ -248,7 +248,7 @@ def _run(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], i
 
 def _slow(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], in_dims: Any, has_aux: bool,
           dims: Dims, strategy: str, create_graph: bool, batch_independent: bool | None, tune: bool | None,
-          want: tuple[str, ...], glance: tuple | None) -> Any:
+          want: tuple[str, ...], glance: tuple[object, ...] | None) -> Any:
     call, sig, info = _prepare(op, f, x, v, args, in_dims, has_aux, dims, strategy, create_graph, batch_independent,
                                tune, want)
     problem = call.problem

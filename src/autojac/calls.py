@@ -144,7 +144,7 @@ def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None
     all_args = (*extra, *args)
     all_dims = (*extra_dims, *dims_of_args)
     bound = base
-    f_batch: BatchedFn = (lambda w: bound(w, *all_args)) if all_args else bound  # type: ignore[assignment]
+    f_batch: BatchedFn = (lambda w: bound(w, *all_args)) if all_args else bound
     problem = Problem(op, f_batch, z, v, create_graph, base=base if all_args else None, args=all_args,
                       arg_dims=all_dims)
     unpack = _splitter(op, shapes) if several else _identity

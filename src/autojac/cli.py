@@ -17,7 +17,12 @@ import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from .models import Op
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -54,13 +59,14 @@ def _plans(args: argparse.Namespace) -> int:
     if not found:
         print(f"no plans (cache: {manage.cache_path()})")
         return 0
-    rows = [("KEY", "OP", "FUNCTION", "B", "IN", "OUT", "DTYPE", "DEVICE", "STRATEGY", "TIME", "HOW",
+    # OPTIONS: what else tells plans of one operation, f and shape apart (create_graph, ...)
+    rows = [("KEY", "OP", "FUNCTION", "B", "IN", "OUT", "DTYPE", "DEVICE", "OPTIONS", "STRATEGY", "TIME", "HOW",
              "CREATED (UTC)")]
     for plan in found:
         seconds = plan.timings.get(plan.label)
         rows.append((plan.key[:10], plan.op, plan.fn_name, str(plan.batch_size), _shape(plan.in_shape),
-                     _shape(plan.out_shape), plan.dtype, plan.device, plan.label,
-                     "-" if seconds is None else f"{seconds * 1e3:.3f} ms", "tuned" if plan.tuned else "heuristic",
+                     _shape(plan.out_shape), plan.dtype, plan.device, plan.options_text() or "-", plan.label,
+                     "-" if seconds is None else f"{seconds * 1e3:.3f} ms", plan.how(),
                      plan.created.strftime("%Y-%m-%d %H:%M")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -110,24 +116,27 @@ def _explain_stored(prefix: str) -> int:
 
 def _warm(args: argparse.Namespace) -> int:
     from . import manage
+    from .progress import progress
 
     ops = _ops(args)
     inputs = _inputs(args)
     f = _load(args)
     total, done = len(inputs) * len(ops), 0
-    for x in inputs:
-        for op in ops:
-            started = datetime.now(timezone.utc)
-            plan = manage.warm(f, x, ops=(op,), create_graph=args.create_graph)[0]
-            done += 1
-            if plan.created < started:
-                how = f"stored already ({'tuned' if plan.tuned else 'heuristic'}, {_when(plan.created)})"
-            elif plan.tuned:
-                how = f"tuned in {plan.tuning_seconds:.2f} s"
-            else:
-                how = "heuristic"
-            print(f"[{done}/{total}] {op} of {plan.fn_name} B={plan.batch_size} in={_shape(plan.in_shape)} "
-                  f"{plan.dtype} {plan.device}: {plan.label} ({how})", flush=True)
+    with progress(total) as shown:  # a bar on a terminal (the `progress` extra), else plain lines
+        for x in inputs:
+            for op in ops:
+                shown.start(f"{op} B={x.shape[0]} in={_shape(x.shape[1:])}")
+                started = datetime.now(timezone.utc)
+                plan = manage.warm(f, x, ops=(op,), create_graph=args.create_graph)[0]
+                done += 1
+                if plan.created < started:
+                    how = f"stored already ({'tuned' if plan.tuned else 'heuristic'}, {_when(plan.created)})"
+                elif plan.tuned:
+                    how = f"tuned in {plan.tuning_seconds:.2f} s"
+                else:
+                    how = "heuristic"
+                shown.done(f"[{done}/{total}] {op} of {plan.fn_name} B={plan.batch_size} in={_shape(plan.in_shape)} "
+                           f"{plan.dtype} {plan.device}: {plan.label} ({how})")
     _check_stored(f"made {_plans_count(total)} but stored none")
     print(f"{_plans_count(total)} in {manage.cache_path() or 'memory'}")
     return 0
@@ -225,7 +234,9 @@ def _add_problem_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autojac", description="Autotuned per-sample derivatives for PyTorch.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log tuning decisions (INFO)")
+    parser.add_argument("--version", action="version", version=f"autojac {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log tuning: what is tuned and what won (-v, INFO), each candidate (-vv, DEBUG)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser("demo", help="tune real examples and show what won, why, and the speed-ups")
@@ -341,8 +352,8 @@ def _inputs(args: argparse.Namespace) -> list[Any]:
             for shape in args.input_shape]
 
 
-def _ops(args: argparse.Namespace) -> list[str]:
-    ops = args.op or ["jacobian"]
+def _ops(args: argparse.Namespace) -> list[Op]:
+    ops: list[Op] = args.op or ["jacobian"]  # checked below
     for op in ops:
         _check_op(op)
     return ops
@@ -367,7 +378,8 @@ def _when(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
     text = str(message).removeprefix("autojac: ")
     print(f"autojac: warning: {text}", file=sys.stderr)
 
@@ -375,8 +387,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.verbose:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.verbose:  # autojac's records only: other libraries' stay at WARNING
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("autojac").setLevel(logging.INFO if args.verbose == 1 else logging.DEBUG)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from . import api
 from .memory import format_bytes
+from .models import Plan
 from .planner import Planner, set_default_planner
 from .store import MemoryStore
 from .problem import Problem
@@ -132,7 +133,7 @@ def _run(min_time: float, print_fn: Callable[[str], None]) -> list[dict[str, flo
     return figures
 
 
-def _show(example: Example, plan, contenders: dict[str, Callable[[], Tensor]], min_time: float,
+def _show(example: Example, plan: Plan, contenders: dict[str, Callable[[], Tensor]], min_time: float,
           print_fn: Callable[[str], None]) -> dict[str, float]:
     """Time autojac (the first contender) against the others, print the plan and the speed-ups."""
     samples = compare(contenders, clock_for(example.x.device), min_time=min_time)
@@ -157,7 +158,7 @@ def _show(example: Example, plan, contenders: dict[str, Callable[[], Tensor]], m
     return row
 
 
-def _why(plan) -> str:
+def _why(plan: Plan) -> str:
     if not plan.batch_independent:
         return "f mixes samples, so only the exact diagonal-block strategy applies"
     if not plan.vmap_ok:

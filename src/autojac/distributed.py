@@ -91,6 +91,6 @@ def timeout_seconds() -> float:
     return value
 
 
-def _store() -> "torch.distributed.Store":
+def _store() -> dist.distributed_c10d.Store:
     # The group's own store (TCPStore/FileStore behind a prefix), shared by every rank.
     return dist.distributed_c10d._get_default_store()

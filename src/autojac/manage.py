@@ -18,7 +18,7 @@ from torch import Tensor
 from . import api, config
 from .calls import arg_dims
 from .cache import DiskStore, EnvironmentStore, read_plan_file, unusable_reason, write_plan_file
-from .models import Plan
+from .models import Op, Plan
 from .planner import default_planner
 from .problem import BatchedFn
 from .signature import TORCH_VERSION
@@ -42,7 +42,7 @@ class ImportCounts(MergeCounts):
         return f"{super().__str__()}, {self.invalid} invalid, {self.foreign} from another torch version"
 
 
-def plans(op: str | None = None, device: str | torch.device | None = None) -> list[Plan]:
+def plans(op: Op | None = None, device: str | torch.device | None = None) -> list[Plan]:
     """Every plan that would be used here (the user cache's and AUTOJAC_PLANS'), optionally only
     those of one operation (`"jacobian"`, ...) or device type (`"cpu"`, `"cuda"`, `"cuda:1"` means
     `"cuda"`); sorted by operation, function, shape and time of creation."""
@@ -108,7 +108,7 @@ def import_plans(path: str | os.PathLike[str]) -> ImportCounts:
     return ImportCounts(**dataclasses.asdict(merged), invalid=invalid, foreign=foreign)
 
 
-def warm(f: BatchedFn, x: Tensor, ops: Sequence[str] = ("jacobian",), *, batch_sizes: Sequence[int] | None = None,
+def warm(f: BatchedFn, x: Tensor, ops: Sequence[Op] = ("jacobian",), *, batch_sizes: Sequence[int] | None = None,
          **kwargs: Any) -> list[Plan]:
     """Make the plans of `ops` for f at a batch shaped like x now (tuning unless tune=False is
     given, even under AUTOJAC_TUNE=0 or AUTOJAC_REQUIRE_PLAN=1), and store them. A signature that
@@ -134,7 +134,8 @@ def warm(f: BatchedFn, x: Tensor, ops: Sequence[str] = ("jacobian",), *, batch_s
             resized = {**kwargs, **_resized_arguments(kwargs, x.shape[0], batch)}
             sample = _resized(x, batch)
             for op in ops:
-                extra = {"v": torch.randn_like(sample)} if op == "hvp" and resized.get("v") is None else {}
+                extra: dict[str, Any] = ({"v": torch.randn_like(sample)} if op == "hvp" and resized.get("v") is None
+                                         else {})
                 made.append(api.plan_for(op, f, sample, **resized, **extra, nearby=False))
     return made
 

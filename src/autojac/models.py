@@ -7,14 +7,18 @@ in a plan is ever executed or unpickled.
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal, get_args
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
-OPS = ("jacobian", "hessian", "hvp", "hessian_diag", "laplacian", "divergence", "derivatives")
+from .memory import format_bytes
+
+# The operations, for type checkers: `op: autojac.Op` accepts these strings and flags others.
+Op = Literal["jacobian", "hessian", "hvp", "hessian_diag", "laplacian", "divergence", "derivatives"]
+OPS: tuple[Op, ...] = get_args(Op)
 # What `derivatives` can compute together, in the order its results come in.
 DERIVATIVES = ("value", "jacobian", "hessian_diag", "laplacian", "hessian")
-FILE_FORMAT = "autojac-plans"
+FILE_FORMAT: Final = "autojac-plans"
 # Bumped whenever Plan or PlanFile change incompatibly; part of every cache key and file name.
 FORMAT_VERSION = 2
 
@@ -107,16 +111,33 @@ class Plan(BaseModel):
         """The winner's candidate label, as used in `timings` and `excluded`."""
         return candidate_label(self.strategy, self.chunk)
 
+    def call_options(self) -> dict[str, object]:
+        """The options of the call that tell this plan from others of the same operation, f and
+        shapes, where they differ from their defaults: create_graph=True, and any field that plans
+        gain for their calls (every field but those of `_NOT_OPTIONS`)."""
+        fields = type(self).model_fields
+        return {name: getattr(self, name) for name, info in fields.items() if name not in _NOT_OPTIONS
+                and getattr(self, name) != info.get_default(call_default_factory=True)}
+
+    def options_text(self) -> str:
+        """`call_options` in a few words: 'create_graph', 'dims=(0,1)'; empty when all are default."""
+        return " ".join(name if value is True else f"{name}={_compact(value)}"
+                        for name, value in self.call_options().items())
+
     def summary(self, width: int = 160) -> str:
         """A few readable lines: what won, how fast, what else was tried and why not."""
-        how = "tuned" if self.tuned else "heuristic"
+        how = self.how()
         shape = f"B={self.batch_size} in={self.in_shape} out={self.out_shape}"
-        lines = [f"{self.op} of {self.fn_name} [{shape} {self.dtype} {self.device}]: "
+        options = self.options_text()
+        lines = [f"{self.op} of {self.fn_name} [{shape} {self.dtype} {self.device}{' ' + options if options else ''}]: "
                  f"{self.label} ({how})"]
         best = self.timings.get(self.label)
         for label, seconds in sorted(self.timings.items(), key=lambda kv: kv[1]):
             ratio = f"  x{seconds / best:.2f}" if best else ""
             lines.append(f"  {label:<28} {seconds * 1e3:10.3f} ms{ratio}")
+        why = self.why_not_fastest()
+        if why:
+            lines.append(f"  {why}")
         # One line per reason: chunked variants and whole families often share one.
         grouped: dict[str, dict[str, list[int]]] = {}
         for label, why in self.excluded.items():
@@ -130,6 +151,55 @@ class Plan(BaseModel):
             text = why if len(why) <= width else why[: width - 3] + "..."
             lines.append(f"  excluded {names}: {text}")
         return "\n".join(lines)
+
+
+    def how(self) -> str:
+        """'tuned', 'tuned at B=512' (a plan reused for a batch size it was not timed at) or 'heuristic'."""
+        if not self.tuned:
+            return "heuristic"
+        return "tuned" if self.tuned_batch is None else f"tuned at B={self.tuned_batch}"
+
+    def why_not_fastest(self) -> str:
+        """Why the winner won when a timed candidate was faster (the tuner's tie rule); else empty."""
+        mine = self.timings.get(self.label)
+        if mine is None or not self.timings:
+            return ""
+        fastest, best = min(self.timings.items(), key=lambda kv: kv[1])
+        if fastest == self.label or best >= mine:
+            return ""
+        from .timing import TuneSettings  # timing imports this module
+
+        head = (f"{self.label} won though {fastest} was faster (x{mine / best:.2f}): medians within "
+                f"{TuneSettings.tie_margin:.0%} of the fastest tie, and ties go to")
+        ours, theirs = self.memory.get(self.label), self.memory.get(fastest)
+        if ours is not None and theirs is not None and ours < theirs:
+            return f"{head} the lower memory estimate ({format_bytes(ours)} against {format_bytes(theirs)})"
+        (name, chunk), (rival, _) = parse_label(self.label), parse_label(fastest)
+        order = list(self.memory)  # the candidates, in heuristic order
+        if ours is not None and ours == theirs:
+            if name != rival and order.index(self.label) < order.index(fastest):
+                return f"{head} the lower memory estimate, then the heuristic order: {name} comes before {rival}"
+            if name == rival:
+                form = "the whole basis" if chunk is None else "the smaller chunk"
+                return f"{head} the lower memory estimate, then the heuristic order, then {form}"
+        return f"{head} the lower memory estimate, then the heuristic order"
+
+
+# Plan fields that say what was measured, how and when the plan was made, or that listings show in
+# places of their own; every other field describes the call and is shown by `Plan.call_options`.
+_NOT_OPTIONS = frozenset({
+    "key", "op", "strategy", "chunk", "timings", "spread", "excluded", "memory", "tuned", "batch_independent",
+    "vmap_ok", "deterministic", "batch_size", "in_shape", "out_shape", "dtype", "device", "device_name", "fn_name",
+    "fingerprint", "torch_version", "autojac_version", "threads", "tuning_seconds", "created", "tuned_batch",
+    "activations", "family",
+})
+
+
+def _compact(value: object) -> str:
+    if isinstance(value, (tuple, list, frozenset, set)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return "(" + ",".join(map(_compact, items)) + ")"
+    return str(value)
 
 
 class PlanFile(BaseModel):

@@ -77,7 +77,7 @@ def agree(a: Tensor | tuple[Tensor, ...], b: Tensor | tuple[Tensor, ...], dtype:
         if not (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b)):
             return False, float("inf"), 0.0
         verdicts = [agree(x, y, dtype, order) for x, y in zip(a, b)]
-        return all(v[0] for v in verdicts), *max(verdicts, key=lambda v: (not v[0], v[1] - v[2]))[1:]  # type: ignore[return-value]
+        return all(v[0] for v in verdicts), *max(verdicts, key=lambda v: (not v[0], v[1] - v[2]))[1:]
     diff = max_difference(a, b)
     allowed = tolerance(b.dtype if dtype is None else dtype, order) * finite_abs_max(b) + torch.finfo(b.dtype).tiny
     return diff <= allowed, diff, allowed

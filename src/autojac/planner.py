@@ -27,11 +27,12 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from . import cache, config, distributed, memory, trust
+from . import cache, compiled, config, distributed, memory, trust
 from ._version import __version__
 from .buffers import BufferSnapshot, preserved_buffers
 from .errors import AutojacWarning, NoCandidateError, NonDeterministicError, PlanRequiredError
@@ -45,6 +46,9 @@ from .strategies import registry
 from .strategies.registry import BATCH_INDEPENDENT, VMAP, Strategy, normal_tensor
 from .timing import Clock, TuneSettings, clock_for
 from .tuner import Candidate, caller_stacklevel, choose
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 log = logging.getLogger("autojac")
 
@@ -181,7 +185,8 @@ class Planner:
         self._families: dict[str, dict[int, Plan]] = {}  # Signature.family -> batch size -> tuned plan
         self._trusted: set[str] = set()  # keys whose plans were tuned or cross-checked in this process
         self._made: set[str] = set()  # keys whose plans this process made (probing f)
-        self._entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # f -> {(name, glance): Entry}
+        # f -> {(name, glance): Entry}
+        self._entries: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
         self._probes: dict[Signature, Probes] = {}
         self._locks: dict[Signature, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -189,7 +194,7 @@ class Planner:
 
     # -- the hot path ---------------------------------------------------------------------------
 
-    def serve(self, f: BatchedFn, glance: tuple) -> Entry | None:
+    def serve(self, f: BatchedFn, glance: tuple[object, ...]) -> Entry | None:
         """The entry remembered for f and calls that look like `glance`, if f's description still
         holds (nothing it was made from was rebound); None: take the slow path (`entry`)."""
         slot, name = weak_slot(f, self._entries, make=False)
@@ -205,7 +210,7 @@ class Planner:
     # -- the slow path --------------------------------------------------------------------------
 
     def entry(self, problem: Problem, sig: Signature, info: FnInfo, tune: bool | None,
-              glance: tuple | None = None) -> tuple[Entry, Tensor | None]:
+              glance: tuple[object, ...] | None = None) -> tuple[Entry, Tensor | None]:
         """The entry serving this call (made, found by batch size, or read; checked if this process
         did not tune it), remembered for `glance`; and the result when making the plan computed it."""
         tuning = config.tuning_enabled(tune)
@@ -440,6 +445,8 @@ class Planner:
               persist: bool = True, exclude: dict[str, str] | None = None) -> tuple[Plan, Tensor | None]:
         if tune:
             _warm_transforms()
+        # a torch.compile'd f is probed and tuned uncompiled: compile time is no strategy's time
+        problem = compiled.for_tuning(problem)
         clock = self.clock(problem.x.device)
         started = clock.now()
         wall = time.perf_counter()
@@ -460,6 +467,10 @@ class Planner:
             excluded.update(exclude)
         if not pool:
             raise NoCandidateError(sig.op, excluded, _memory_hint(excluded, sig.batch))
+        if tune:  # a tuning can take many seconds: say what it is before it starts
+            log.info("tuning %s of %s [B=%d in=%s out=%s %s %s]: %d candidates (%d excluded), budget %g s",
+                     sig.op, sig.fn_name, sig.batch, sig.in_shape, probes.out_shape, sig.dtype, sig.device,
+                     len(pool), len(excluded), settings.budget)
         modules = describe(problem_f(problem)).modules()
         # Tuning runs candidates on a detached x, so that its backward passes never reach into the
         # caller's graph; the caller's call then runs the winner on the caller's x.
@@ -536,7 +547,7 @@ def _detached(problem: Problem) -> Problem:
     return problem.replace(x=x.detach().requires_grad_(True))
 
 
-def datetime_now():  # noqa: ANN201 - a datetime, as Plan.created wants
+def datetime_now() -> datetime:  # as Plan.created wants
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc)
@@ -604,9 +615,9 @@ class _BackwardPass:
         results = [r for r in (result if isinstance(result, tuple) else (result,)) if r.requires_grad]
         if not results:
             return
-        loss = sum(r.sum() for r in results)
+        loss = cast(Tensor, sum(r.sum() for r in results))
         if self.leaves is None:
-            self.leaves = _graph_leaves(loss)  # type: ignore[arg-type]
+            self.leaves = _graph_leaves(loss)
         if self.leaves:
             torch.autograd.grad(loss, self.leaves, allow_unused=True, retain_graph=True)
 
@@ -633,7 +644,7 @@ def _warm_transforms() -> None:
     """Pay torch.func's one-time start-up (over a second for the first vjp) outside any budget."""
     x = torch.ones(2, 1)
     with torch.no_grad():
-        _, pullback = torch.func.vjp(torch.sin, x)
+        _, pullback = torch.func.vjp(torch.sin, x)  # type: ignore[misc]  # annotated with has_aux's triple too
         torch.func.vmap(pullback)(torch.ones(1, 2, 1))
         torch.func.vmap(lambda t: torch.func.jvp(torch.sin, (x,), (t,)))(torch.ones(1, 2, 1))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from .numerics import agree
-from .problem import BatchedFn, Problem, check_output
+from .problem import BatchedFn, Problem, check_output, hint_unbatched
 from .strategies.basis import one_sample, per_sample
 
 
@@ -48,7 +49,8 @@ def run_probes(f: BatchedFn, x: Tensor, batch_independent: bool | None = None,
         xg = copy.detach().requires_grad_(True)  # shares copy's version counter
         saved = _SavedBytes()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-            y = _call_refusing_in_place(f, xg)
+            with hint_unbatched(x):  # f failing on an x of shape (n,) gets a hint
+                y = _call_refusing_in_place(f, xg)
         _check_unchanged(copy, x)
         out_shape = check_output(y, x)
         coupling = ""
@@ -137,7 +139,7 @@ def _coupling(y: Tensor, xg: Tensor) -> str:
     index = torch.arange(batch, device=y.device)
     for place in range(max(1, math.ceil(math.log(batch, 4)))):
         factor = torch.pow(2.0, (index // 4**place) % 4).to(y.dtype)  # 1, 2, 4 or 8 per sample
-        scaled = _pullback(y, xg, seed * _per_sample(factor, y))
+        scaled = cast(Tensor, _pullback(y, xg, seed * _per_sample(factor, y)))  # not None: base is not
         expected = base * _per_sample(factor, base)
         differs = (scaled != expected) & (scaled.isfinite() | expected.isfinite())
         reason = _confirmed(y, xg, seed, finite, differs, lambda sample: factor != factor[sample])
@@ -154,7 +156,7 @@ def _confirmed(y: Tensor, xg: Tensor, seed: Tensor, finite: Tensor, differs: Ten
     batch = xg.shape[0]
     for sample in differs.reshape(batch, -1).any(dim=1).nonzero().flatten().tolist():
         others = finite & other_than(sample)
-        grad = _pullback(y, xg, seed * _per_sample(others, y))[sample]
+        grad = cast(Tensor, _pullback(y, xg, seed * _per_sample(others, y)))[sample]
         if bool((grad.ne(0) & grad.isfinite()).any()):
             seeded = others.nonzero().flatten().tolist()
             shown = ", ".join(map(str, seeded[:5])) + (", ..." if len(seeded) > 5 else "")

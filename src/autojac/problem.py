@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +59,7 @@ class Problem:
 
     def replace(self, **changes: Any) -> Problem:
         """A copy with some fields changed (another x, say)."""
-        fields = {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        fields = {name: getattr(self, name) for name in self.__slots__}
         fields.update(changes)
         return Problem(**fields)
 
@@ -149,6 +150,29 @@ def check_v(v: object, x: Tensor) -> None:
         )
 
 
+def unbatched_hint(x: Tensor) -> str:
+    """For an x of shape (n,) that f did not take as n samples of scalars (it failed, or its output's
+    first dimension is not n): most likely one sample without its batch dimension."""
+    if x.dim() != 1:
+        return ""
+    return (f". x has shape {tuple(x.shape)}, read as a batch of {x.shape[0]} scalars; if it is one sample, "
+            f"x needs a batch dimension: x.unsqueeze(0) for one sample (shape (1, {x.shape[0]}))")
+
+
+@contextlib.contextmanager
+def hint_unbatched(x: Tensor) -> Iterator[None]:
+    """Around f's first call: f failing on an x of shape (n,) gets `unbatched_hint` (as a ValueError
+    chained to f's error)."""
+    try:
+        yield
+    except (RuntimeError, IndexError, TypeError) as error:
+        if x.dim() != 1:
+            raise
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"f failed on x of shape {tuple(x.shape)}: {type(error).__name__}: {first}"
+                         f"{unbatched_hint(x)}") from error
+
+
 def check_output(y: object, x: Tensor) -> tuple[int, ...]:
     """Check f's output for a batch x and return the per-sample output shape."""
     batch = x.shape[0]
@@ -160,12 +184,12 @@ def check_output(y: object, x: Tensor) -> tuple[int, ...]:
     if y.dim() == 0:
         raise ValueError(
             f"f returned a 0-d tensor for a batch of {batch}; the first dimension must be "
-            f"the batch size {batch} (return shape ({batch},) for one scalar per sample)"
+            f"the batch size {batch} (return shape ({batch},) for one scalar per sample){unbatched_hint(x)}"
         )
     if y.shape[0] != batch:
         raise ValueError(
             f"f returned shape {tuple(y.shape)} for a batch of {batch}; "
-            f"the first dimension must be the batch size {batch}"
+            f"the first dimension must be the batch size {batch}{unbatched_hint(x)}"
         )
     if not y.dtype.is_floating_point:
         raise TypeError(

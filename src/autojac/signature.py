@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from . import watch
+from . import compiled, watch
 from .models import FORMAT_VERSION
 
 TORCH_VERSION = torch.__version__
@@ -99,7 +99,7 @@ class Guards:
     epoch: int = 0
     hooks: int = 0
     slots: list[tuple[Any, Any, int]] = field(default_factory=list)  # (dict or mapping, key, id)
-    items: list[tuple[list, int, int]] = field(default_factory=list)  # (list, index, id)
+    items: list[tuple[list[Any], int, int]] = field(default_factory=list)  # (list, index, id)
     cells: list[tuple[types.CellType, int]] = field(default_factory=list)
 
     def hold(self) -> bool:
@@ -123,7 +123,7 @@ class FnInfo:
 
     name: str
     fingerprint: str
-    module_refs: tuple[weakref.ref, ...]  # every nn.Module reached, held weakly
+    module_refs: tuple[weakref.ref[nn.Module], ...]  # every nn.Module reached, held weakly
     guards: Guards
     holds_tensors: bool = False  # f reaches tensors other than its modules' parameters and buffers
 
@@ -189,7 +189,8 @@ class _Walker:
             self._seen.add(id(obj))
             self.reference(obj, depth)
 
-    def container(self, obj: tuple | list | dict, depth: int, fixed: bool = False) -> None:
+    def container(self, obj: tuple[Any, ...] | list[Any] | dict[Any, Any], depth: int,
+                  fixed: bool = False) -> None:
         if len(obj) > _MAX_ITEMS or depth > _MAX_DEPTH:
             return
         if isinstance(obj, dict):
@@ -199,7 +200,7 @@ class _Walker:
         for index, item in enumerate(obj):
             if isinstance(obj, list):
                 self.guards.items.append((obj, index, id(item)))
-            self.labelled(f"[{index}]", lambda item=item: self.value(item, depth + 1, fixed=fixed))
+            self.labelled(f"[{index}]", functools.partial(self.value, item, depth + 1, fixed=fixed))
 
     def reference(self, obj: Any, depth: int) -> None:
         if isinstance(obj, nn.Module):
@@ -243,11 +244,11 @@ class _Walker:
                 function = getattr(member, "__func__", member)  # staticmethod, classmethod
                 if isinstance(function, types.FunctionType):
                     self.guards.slots.append((vars(klass), name, id(member)))
-                    self.labelled(f"{klass.__qualname__}.{name}", lambda f=function: self.value(f, depth + 1))
+                    self.labelled(f"{klass.__qualname__}.{name}", functools.partial(self.value, function, depth + 1))
 
     def module(self, module: nn.Module) -> None:
         # Module trees are walked whole whatever their depth: their structure decides the plan.
-        cls = type(module)
+        cls: type = type(module)  # plain `type`: mypy takes a Module class for unhashable
         self.modules.append(module)
         self.add(f"{_qualname(cls)}({module.extra_repr()}){_hook_text(module)}")
         for name, tensor in (*module._parameters.items(), *module._buffers.items()):
@@ -274,7 +275,7 @@ class _Walker:
         self.value(f.__kwdefaults__ or {}, depth + 1, fixed=True)
         for name, cell in zip(code.co_freevars, f.__closure__ or ()):
             self.guards.cells.append((cell, id(_cell_value(cell))))
-            self.labelled(f"free {name}", lambda cell=cell: self.value(_cell_value(cell), depth + 1, fixed=True))
+            self.labelled(f"free {name}", functools.partial(self.value, _cell_value(cell), depth + 1, fixed=True))
         for name in _global_names(code):
             obj = f.__globals__.get(name, _MISSING)
             if obj is not _MISSING and not isinstance(obj, (types.ModuleType, type)):  # imports, classes: code
@@ -286,7 +287,7 @@ def _walk(f: Any) -> _Walker:
     walker = _Walker()
     walker.guards.epoch = watch.epoch()  # taken first: a change during the walk fails the guard later
     walker.guards.hooks = watch.global_hooks()
-    walker.value(f, 0)
+    walker.value(compiled.original(f), 0)  # a torch.compile'd function: not dynamo's wrapper, which changes
     if walker.modules:  # global hooks run around every module's forward
         walker.add(f"global hooks {walker.guards.hooks}")
         watch.watch(walker.modules)
@@ -322,7 +323,8 @@ def _hook_text(module: nn.Module) -> str:
     return f" hooks {counts}" if any(counts) else ""
 
 
-def weak_slot(f: Any, table: weakref.WeakKeyDictionary, make: bool) -> tuple[dict | None, Any]:
+def weak_slot(f: Any, table: weakref.WeakKeyDictionary[Any, dict[Any, Any]],
+              make: bool) -> tuple[dict[Any, Any] | None, Any]:
     """The dict kept for f in `table` (weakly: f's death drops it; made if `make`), and f's key in
     it; bound methods are new objects on every access, so theirs is kept under their object.
     (None, None) when there is none, or f cannot be referenced weakly."""
@@ -347,7 +349,7 @@ def describe(f: Callable[..., Any]) -> FnInfo:
     return info
 
 
-_DESCRIPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DESCRIPTIONS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
 def _cell_value(cell: types.CellType) -> Any:

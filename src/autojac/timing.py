@@ -9,7 +9,7 @@ import os
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -117,7 +117,7 @@ class TuneSettings:
         return cls(budget=budget, cheap_budget=budget)  # given explicitly: the budget of every plan
 
 
-def compare(fns: dict[str, Callable[[], object]], clock: Clock | None = None, *, min_time: float = 0.2,
+def compare(fns: Mapping[str, Callable[[], object]], clock: Clock | None = None, *, min_time: float = 0.2,
             max_repeats: int = 1000, warmup: int = 1, min_repeats: int = 1) -> dict[str, Samples]:
     """Time several functions side by side: warm-up, then interleaved rounds until each has run
     for `min_time` seconds and at least `min_repeats` times (or `max_repeats` times). Returns

@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 
 import torch
 from torch import Tensor
@@ -186,6 +187,8 @@ class _Tuning:
         except Exception as error:  # a failing candidate is data: excluded with its reason
             failure = describe_failure(error)
             del error
+        log.debug("candidate %d of %d, %s: %s", self.pool.index(candidate) + 1, len(self.pool), label,
+                  failure or f"{seconds * 1e3:.3g} ms ({self._spent():.2f} s into tuning)")
         if failure:
             self.excluded[label] = failure
             if failure.startswith("out of memory"):
@@ -328,7 +331,8 @@ class _Tuning:
 def caller_stacklevel() -> int:
     """The stacklevel that points a warning at the first frame outside autojac."""
     package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     return level

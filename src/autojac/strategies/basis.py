@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -105,7 +106,7 @@ def _row_seeds(shape: tuple[int, ...], batch: int, dtype: torch.dtype, device: t
 
 def vjp_basis(fn: Fn, primal: Tensor, chunk: int | None) -> Tensor:
     """Jacobian of fn at primal by reverse mode: (*fn(primal).shape, *primal.shape)."""
-    out, pullback = vjp(fn, primal)
+    out, pullback = vjp(fn, primal)  # type: ignore[misc]  # annotated with has_aux's triple too
     if out.numel() == 0:
         return primal.new_zeros(*out.shape, *primal.shape)
     pieces = [
@@ -120,7 +121,7 @@ def batch_vjp_rows(fn: Fn, primal: Tensor, chunk: int | None) -> Tensor:
     row by row: (*out, B, *in), one vector-Jacobian product seeded with output coordinate i on
     every sample per row, vectorized `chunk` rows at a time. A torch.func function of primal,
     so it can be differentiated again."""
-    out, pullback = vjp(fn, primal)
+    out, pullback = vjp(fn, primal)  # type: ignore[misc]  # annotated with has_aux's triple too
     batch, out_shape = out.shape[0], tuple(out.shape[1:])
     m = math.prod(out_shape)
     if out.numel() == 0:
@@ -166,8 +167,8 @@ def per_sample(p: Problem, transform: Callable[[Fn], Fn]) -> Tensor:
     base, dims = p.base, p.arg_dims
     assert base is not None
 
-    def body(xi: Tensor, *args: object) -> Tensor:
-        batched = tuple(a if d is None else a.unsqueeze(d) for a, d in zip(args, dims))  # type: ignore[union-attr]
+    def body(xi: Tensor, *args: Any) -> Tensor:
+        batched = tuple(a if d is None else a.unsqueeze(d) for a, d in zip(args, dims))
         return transform(lambda z: base(z.unsqueeze(0), *batched).squeeze(0))(xi)
 
     return vmap(body, in_dims=(0, *dims))(p.x, *p.args)

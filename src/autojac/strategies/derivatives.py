@@ -8,6 +8,9 @@ Sizes: B samples, n input and m output elements per sample.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.func import jacfwd, jacrev
@@ -67,7 +70,7 @@ def _vmap(p: Problem, chunk: int | None) -> tuple[Tensor, ...]:
     # level handing the lower ones up as auxiliary outputs, so that f runs once per sample.
     second = any(q in SECOND for q in p.want)
 
-    def transform(f_one):  # noqa: ANN001, ANN202 - torch.func's function types
+    def transform(f_one: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Any]:  # Any: returns a tuple
         def value_twice(z: Tensor) -> tuple[Tensor, Tensor]:
             y = f_one(z)
             return y, y

@@ -60,7 +60,7 @@ def _loop(p: Problem, chunk: int | None) -> Tensor:
 def _forward(p: Problem, chunk: int | None) -> Tensor:
     # Forward mode: the jvp along e_i (on every sample at once) keeps its output entry i.
     def push(tangent: Tensor) -> Tensor:
-        y, column = jvp(p.f, (p.x,), (tangent.expand_as(p.x),))
+        y, column = jvp(p.f, (p.x,), (tangent.expand_as(p.x),))  # type: ignore[misc]  # annotated with has_aux's triple too
         _square(p, y)
         return column
 

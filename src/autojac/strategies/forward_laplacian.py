@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +30,8 @@ from ..problem import Problem, Sizes
 from .curvature import OPS_DIAGONAL
 from .registry import BATCH_INDEPENDENT, Strategy, register
 
-Derivatives = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]  # (module, z, s(z)) -> (s', s'')
+# (module, z, s(z)) -> (s', s''); each takes its own activation class
+Derivatives = Callable[[Any, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def _sigmoid_like(s: Tensor) -> tuple[Tensor, Tensor]:
@@ -52,16 +54,16 @@ def _silu(m: nn.Module, z: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     return s + z * ds, 2 * ds + z * dds
 
 
-def _softplus(m: nn.Module, z: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    beta, threshold = m.beta, m.threshold  # type: ignore[attr-defined]
+def _softplus(m: nn.Softplus, z: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    beta, threshold = m.beta, m.threshold
     ds, _ = _sigmoid_like(torch.sigmoid(beta * z))
     linear = beta * z > threshold  # where torch's softplus is the identity
     first = torch.where(linear, torch.ones_like(z), torch.sigmoid(beta * z))
     return first, torch.where(linear, torch.zeros_like(z), beta * ds)
 
 
-def _gelu(m: nn.Module, z: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    if m.approximate == "tanh":  # type: ignore[attr-defined]
+def _gelu(m: nn.GELU, z: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    if m.approximate == "tanh":
         c, k = math.sqrt(2 / math.pi), 0.044715
         u = c * (z + k * z ** 3)
         du, ddu = c * (1 + 3 * k * z * z), c * 6 * k * z
@@ -78,13 +80,13 @@ def _relu(m: nn.Module, z: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     return (a > 0).to(z.dtype), torch.zeros_like(z)
 
 
-def _leaky_relu(m: nn.Module, z: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    slope = torch.full_like(z, m.negative_slope)  # type: ignore[attr-defined]
+def _leaky_relu(m: nn.LeakyReLU, z: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    slope = torch.full_like(z, m.negative_slope)
     return torch.where(z > 0, torch.ones_like(z), slope), torch.zeros_like(z)
 
 
-def _elu(m: nn.Module, z: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    negative = a + m.alpha  # type: ignore[attr-defined]  # alpha * exp(z) where z <= 0
+def _elu(m: nn.ELU, z: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    negative = a + m.alpha  # alpha * exp(z) where z <= 0
     first = torch.where(z > 0, torch.ones_like(z), negative)
     return first, torch.where(z > 0, torch.zeros_like(z), negative)
 
@@ -186,7 +188,7 @@ def _first_products(p: Problem, jac: Tensor) -> Tensor:
     if p.op == "hessian_diag":
         return jac * jac
     if p.op == "hvp":
-        directional = (jac * p.v[:, :, None]).sum(-2)  # J^T v: (B, d)
+        directional = (jac * cast(Tensor, p.v)[:, :, None]).sum(-2)  # J^T v: (B, d)
         return jac * directional[:, None, :]
     return jac.unsqueeze(-2) * jac.unsqueeze(-3)  # hessian: J_i J_j, (B, n, n, d)
 

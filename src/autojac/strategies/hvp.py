@@ -7,6 +7,8 @@ per vectorized pass.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 from torch.func import jvp
@@ -22,7 +24,7 @@ HVP = frozenset({"hvp"})
 def _hvp_fwd_rev(p: Problem, chunk: int | None) -> Tensor:
     # Forward over reverse: the jvp along v of every sample's gradient (batch trick), which is
     # H[b] v[b] because v[b] only moves sample b.
-    _, hv = jvp(summed_jacobian(p.f, chunk), (p.x,), (p.v,))  # (*out, B, *in)
+    _, hv = jvp(summed_jacobian(p.f, chunk), (p.x,), (p.v,))  # type: ignore[misc]  # (*out, B, *in)
     return batch_first(hv, hv.dim() - p.x.dim())
 
 
@@ -44,7 +46,7 @@ def _hvp_rev_rev(p: Problem, chunk: int | None) -> Tensor:
     if grads is None:
         return zeros_result(p, out_shape)
     last = len(grads) - 1
-    rows = [vjp_of(g, x, p.v, retain=k < last, create_graph=p.create_graph) if g.requires_grad
+    rows = [vjp_of(g, x, cast(Tensor, p.v), retain=k < last, create_graph=p.create_graph) if g.requires_grad
             else torch.zeros_like(x) for k, g in enumerate(grads)]
     if len(rows) == 1:
         return rows[0].view(x.shape[0], *out_shape, *p.in_shape)
@@ -56,7 +58,7 @@ def _full_hvp(p: Problem, chunk: int | None) -> Tensor:
     # with its sample's v, then that scalar's own-sample gradient. 2 B m backward passes' worth
     # of work, no Hessian.
     def second(first: Tensor, samples: Tensor, x: Tensor) -> Tensor:  # (k, *in)
-        directional = (first * p.v[samples]).reshape(len(samples), -1).sum(-1)  # (k,)
+        directional = (first * cast(Tensor, p.v)[samples]).reshape(len(samples), -1).sum(-1)  # (k,)
         return own_sample_gradients(directional, samples, x, None, p.create_graph)
 
     pieces, out_shape = coupled_second_level(p, chunk, second)

@@ -144,7 +144,7 @@ PER_SAMPLE_ROWS = 16384
 
 
 def _heuristic(s: Sizes) -> list[str]:
-    # Measured on CPU (DESIGN.md's grid, benchmarks/results): one backward pass wins for scalar
+    # Measured on CPU (the 27-shape grid of docs/design.md, benchmarks/results): one backward pass wins for scalar
     # outputs, forward mode when there are fewer inputs than outputs, reverse mode otherwise:
     # over the batch-summed output while the B * m rows are few, per sample (vmap_rev) when they
     # are many (B=512, m=512: 1.7x faster than sum_rev; below 16384 rows sum_rev leads by 2-6%).

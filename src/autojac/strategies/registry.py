@@ -37,7 +37,7 @@ class Strategy:
 
     name: str  # stable: stored in plan caches
     ops: frozenset[str]
-    run: Callable[[Problem, int | None], Tensor]  # (problem, chunk) -> result
+    run: Callable[[Problem, int | None], Tensor | tuple[Tensor, ...]]  # (problem, chunk) -> result(s)
     memory: Callable[[Sizes, int | None], int]  # (sizes, chunk) -> estimated peak bytes
     needs: frozenset[str] = frozenset()
     basis: Callable[[Sizes], int] | None = None  # length of the basis a chunk splits
