@@ -407,9 +407,9 @@ class Planner:
             memory={source.label: estimate}, family=sig.family,
             created=datetime_now()))
         self._memoize(sig, plan)
-        for known in (self._trusted, self._made):  # what was learnt of the source holds for its reuse
-            if source.key in known:
-                known.add(sig.key)
+        for learnt in (self._trusted, self._made):  # what was learnt of the source holds for its reuse
+            if source.key in learnt:
+                learnt.add(sig.key)
         log.info("reusing the plan of %s of %s tuned at B=%d for B=%d: %s", sig.op, sig.fn_name,
                  source.batch_size, sig.batch, plan.label)
         return plan
