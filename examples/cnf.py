@@ -162,14 +162,6 @@ class Flow(nn.Module):
         log_normal = -0.5 * z.square().sum(1) - z.shape[1] * 0.5 * math.log(2 * math.pi)
         return log_normal - delta
 
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """(n, 2): standard normal samples moved back from t = 1 to t = 0."""
-        z = torch.randn(n, 2, generator=generator)
-        times = torch.tensor([1.0, 0.0])
-        return odeint(lambda t, z: self.velocity(z, t), z, times, method=self.method,
-                      options=dict(step_size=1 / self.solver_steps))[-1]
-
 
 # --- counting the plans autojac makes ---------------------------------------------------------------
 
@@ -281,7 +273,7 @@ def main(argv: list[str] | None = None) -> tuple[Training, dict[str, float]]:
     print(f"negative log-likelihood {run.losses[0]:.3f} -> {statistics.mean(run.losses[-10:]):.3f} "
           f"(mean of the last 10 batches)")
     print(f"{run.divergence_calls} divergence calls (every RK4 stage, each with its own t), "
-          f"{len(run.plans_made)} plan(s) made")
+          f"{len(run.plans_made)} plan(s) made (none if the cache had it already)")
     x = DATA[args.data](args.batch, torch.Generator().manual_seed(1))
     print(autojac.explain(run.flow.both, x, op="divergence", args=(torch.tensor(0.5),), has_aux=True,
                           create_graph=True).summary())

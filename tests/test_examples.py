@@ -63,6 +63,7 @@ def test_the_cnf_trains_with_autojac_divergence_and_tunes_once_for_every_ode_tim
     assert "1 plan(s) made" in capsys.readouterr().out
     # t reaches f through args: one plan for all 160 divergence calls, each at another time
     assert run.divergence_calls == 20 * 8 and len(run.plans_made) == 1
+    assert [plan.batch_size for plan in cnf.autojac.plans(op="divergence")] == [128]
     assert set(seconds) == set(cnf.DIVERGENCES) and all(s > 0 for s in seconds.values())
     # the held-out negative log-likelihood fell
     held_out = cnf.two_moons(512, torch.Generator().manual_seed(7))
