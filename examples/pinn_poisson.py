@@ -7,7 +7,7 @@ needs gradients *through* it: `autojac.laplacian(model, x, create_graph=True)`. 
 tunes (timing each strategy together with a backward pass, which is what a training step pays);
 later calls dispatch straight to the winner, whatever the weights are by then.
 
-    PYTHONPATH=. python examples/pinn_poisson.py [--steps 500] [--points 128]
+    python examples/pinn_poisson.py [--steps 500] [--points 128]
 """
 
 from __future__ import annotations

@@ -346,3 +346,71 @@ def test_partial_with_a_float_time_shares_one_plan(monkeypatch):
         assert_close(autojac.divergence(functools.partial(dyn, t), z),
                      (1 + t) * loop_jacobian(net, z).diagonal(dim1=1, dim2=2).sum(-1))
     assert len(counted) == 1
+
+
+
+@pytest.mark.parametrize("form", ["args", "has_aux", "dims", "inputs", "derivatives"])
+def test_calls_with_extras_are_served_by_the_hot_path_after_the_first(monkeypatch, form):
+    from autojac import api
+
+    net = field()
+    x, t = torch.randn(4, 3, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+
+    def scaled(z, s):
+        return net(z) * s
+
+    def with_aux(z, s):
+        y = net(z) * s
+        return y, y
+
+    def two(a, b):
+        return net(a + b)
+
+    call = {
+        "args": lambda: autojac.divergence(scaled, x, args=(t,)),
+        "has_aux": lambda: autojac.divergence(with_aux, x, args=(t,), has_aux=True)[0],
+        "dims": lambda: autojac.laplacian(net, x, dims=[0, 2]),
+        "inputs": lambda: autojac.jacobian(two, (x, x))[1],
+        "derivatives": lambda: autojac.derivatives(net, x, ops=("value", "laplacian")).laplacian,
+    }[form]
+    slow = []
+    real = api._slow
+    monkeypatch.setattr(api, "_slow", lambda *a, **k: slow.append(1) or real(*a, **k))
+    first = call()
+    for _ in range(4):
+        assert_close(call(), first)
+    assert len(slow) == 1  # the later calls are served: no signature, no fingerprint, no lookup by key
+
+
+def test_the_aux_of_every_served_call_comes_from_the_callers_x_with_create_graph():
+    # the batch-independence re-checks at calls 8, 16, ... run f too: their forward pass must not
+    # stand in for the answer's (its aux would hang off a copy of x, cut from the caller's graph)
+    net = field()
+
+    def with_aux(z, s):
+        y = net(z) * s
+        return y, y
+
+    t = torch.tensor(0.5, dtype=torch.float64)
+    for call in range(10):
+        x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        _, aux = autojac.divergence(with_aux, x * 1.0, args=(t,), has_aux=True, create_graph=True)
+        (grad,) = torch.autograd.grad(aux.sum(), x)
+        assert_close(grad, loop_jacobian(net, x).sum(1) * 0.5), f"call {call + 1}"
+
+
+def test_a_call_with_extras_tunes_once_tuning_is_switched_back_on(monkeypatch):
+    net = field()
+
+    def scaled(z, s):
+        return net(z) * s
+
+    x, t = torch.randn(4, 3, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    monkeypatch.setenv("AUTOJAC_TUNE", "0")
+    autojac.divergence(scaled, x, args=(t,))
+    autojac.divergence(scaled, x, args=(t,))
+    counted = tuning_count(monkeypatch)
+    monkeypatch.delenv("AUTOJAC_TUNE")
+    autojac.divergence(scaled, x, args=(t,))
+    assert len(counted) == 1
+    assert autojac.explain(scaled, x, op="divergence", args=(t,), tune=False).tuned

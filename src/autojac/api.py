@@ -227,7 +227,7 @@ def _run(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], i
                 if v is not None or op == "hvp":
                     _check_direction(op, v, x)
                 return entry(Problem(op, f, x, v, create_graph))
-        elif not plain:
+        else:  # extras, or a tuple of inputs
             extra = calls.glance(args, in_dims, has_aux, dims, x)
             first = x[0] if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor) else x
             if extra is not None and isinstance(first, Tensor):
@@ -262,7 +262,7 @@ def _slow(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], 
         planner.check_forced(sig, problem, chosen, chunk, info)
         _reset(call)
         return _finish(call, chosen(problem, chunk))
-    entry, result = planner.entry(problem, sig, info, tune, glance)
+    entry, result = planner.entry(problem, sig, info, tune, glance, owner=f)
     if result is None or call.aux is not None:  # aux must come from the answer's own forward pass
         _reset(call)
         result = entry(problem)

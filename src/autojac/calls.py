@@ -19,8 +19,10 @@ reduced to it here, and its result is mapped back:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,18 @@ from .problem import BatchedFn, Problem, check_x
 
 _UNSET = object()
 _peek_transform = torch._C._functorch.peek_interpreter_stack
+_CHECKING = contextvars.ContextVar("autojac_checking", default=False)
+
+
+@contextlib.contextmanager
+def checking() -> Iterator[None]:
+    """autojac's own forward passes of f (a re-check on a copy of x): not the answer's, so no aux
+    is caught from them."""
+    token = _CHECKING.set(True)
+    try:
+        yield
+    finally:
+        _CHECKING.reset(token)
 
 
 class AuxCatcher:
@@ -49,7 +63,7 @@ class AuxCatcher:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError(f"has_aux=True: f must return a pair (output, aux); it returned {_kind(out)}")
         y, aux = out
-        if self.value is _UNSET and _peek_transform() is None:
+        if self.value is _UNSET and _peek_transform() is None and not _CHECKING.get():
             self.value = aux
         return y
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
-from . import cache, compiled, config, distributed, memory, trust
+from . import cache, calls, compiled, config, distributed, memory, trust
 from ._version import __version__
 from .buffers import BufferSnapshot, preserved_buffers
 from .errors import AutojacWarning, NoCandidateError, NonDeterministicError, PlanRequiredError
@@ -210,9 +210,12 @@ class Planner:
     # -- the slow path --------------------------------------------------------------------------
 
     def entry(self, problem: Problem, sig: Signature, info: FnInfo, tune: bool | None,
-              glance: tuple[object, ...] | None = None) -> tuple[Entry, Tensor | None]:
+              glance: tuple[object, ...] | None = None,
+              owner: BatchedFn | None = None) -> tuple[Entry, Tensor | None]:
         """The entry serving this call (made, found by batch size, or read; checked if this process
-        did not tune it), remembered for `glance`; and the result when making the plan computed it."""
+        did not tune it), remembered for `glance` under `owner`, the f the caller passed (`serve`
+        looks it up by that f: problem.f may wrap it anew on every call); and the result when making
+        the plan computed it."""
         tuning = config.tuning_enabled(tune)
         plan = self.cached(sig, problem)
         result, made = None, False
@@ -227,7 +230,8 @@ class Planner:
             checked = self._cross_checked(entry, problem, tuning)
             if checked is not entry:  # the plan changed: its result must come from the new plan
                 entry, result = checked, None
-        slot, name = weak_slot(problem_f(problem), self._entries, make=True) if glance is not None else (None, None)
+        owner = owner if owner is not None else problem_f(problem)
+        slot, name = weak_slot(owner, self._entries, make=True) if glance is not None else (None, None)
         rebound = slot is not None and (name, glance) in slot  # something f reads changed since its last call
         if not made and (not checked_here or info.holds_tensors or rebound) and entry.next_check < math.inf:
             # Batch independence was probed on another f, in another process, or before what the key
@@ -337,7 +341,7 @@ class Planner:
         if torch.is_inference_mode_enabled():
             with torch.inference_mode(False):
                 return self.recheck(entry, problem.replace(x=normal_tensor(problem.x), v=normal_tensor(problem.v)))
-        with preserved_buffers(entry.info.modules()):
+        with preserved_buffers(entry.info.modules()), calls.checking():
             why = quick_coupling(problem.f, problem.x, self._generator)
         if not why:
             return entry.strategy(problem, entry.chunk)
