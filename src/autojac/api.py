@@ -236,7 +236,7 @@ def _run(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], i
                 entry = default_planner().serve(f, glance)
                 if entry is not None:
                     call = calls.reduce(op, f, x, v, create_graph, args=args, in_dims=in_dims, has_aux=has_aux,
-                                        dims=dims)
+                                        dims=dims, checked=True)
                     call.problem.want = want
                     if v is not None or op == "hvp":
                         _check_direction(op, call.problem.v, call.problem.x)

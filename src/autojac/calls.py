@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -106,14 +107,16 @@ class Call:
 
 def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None, create_graph: bool, *,
            args: Sequence[Any] = (), in_dims: Any = None, has_aux: bool = False,
-           dims: Sequence[int] | Tensor | None = None) -> Call:
-    """The canonical problem of a call (see the module docstring); x is checked by check_x."""
-    args = _checked_args(args)
+           dims: Sequence[int] | Tensor | None = None, checked: bool = False) -> Call:
+    """The canonical problem of a call (see the module docstring); x is checked by check_x.
+    `checked`: a call that looks like one checked before (the hot path): no checks again."""
+    args = tuple(args) if checked else _checked_args(args)
     several = isinstance(x, (tuple, list)) and any(isinstance(t, Tensor) for t in x)  # else: not a tensor at all
     inputs = tuple(x) if several else (x,)
-    _check_inputs(op, inputs, several)
+    if not checked:
+        _check_inputs(op, inputs, several)
     batch = inputs[0].shape[0]
-    dims_of_args = arg_dims(in_dims, args, batch)
+    dims_of_args = arg_dims(in_dims, args, batch, checked)
     parts: list[str] = []
     catcher = AuxCatcher(f) if has_aux else None
     user = catcher if catcher is not None else f
@@ -136,7 +139,7 @@ def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None
         shapes = []
 
     if dims is not None:
-        index = _checked_dims(dims, math.prod(z.shape[1:]), z.device)
+        index = _index(tuple(dims.tolist() if isinstance(dims, Tensor) else dims), math.prod(z.shape[1:]), z.device)
         whole, inner = z, base
 
         def chosen(w: Tensor, rest_x: Tensor, *rest: Any) -> Tensor:
@@ -146,12 +149,12 @@ def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None
         base = chosen
         z = whole.reshape(batch, -1)[:, index]
         extra, extra_dims = (whole,), (0,)
-        parts.append("dims=" + ",".join(map(str, index.tolist())))
+        parts.append("dims=" + ",".join(map(str, index.tolist())) if not checked else "")
         if v is not None and v.shape != z.shape:
             raise ValueError(f"v has shape {tuple(v.shape)}; with dims, v is one direction per sample in the chosen "
                              f"coordinates: shape {tuple(z.shape)} (B, len(dims))")
 
-    if args:
+    if args and not checked:
         parts.append("args=" + ",".join(_arg_text(a, d) for a, d in zip(args, dims_of_args)))
     if has_aux:
         parts.append("aux")
@@ -207,11 +210,13 @@ def _check_inputs(op: str, inputs: tuple[Any, ...], several: bool) -> None:
                              f"inputs differentiated together must share dtype and device (use .to(x[0]))")
 
 
-def arg_dims(in_dims: Any, args: tuple[Any, ...], batch: int) -> tuple[int | None, ...]:
+def arg_dims(in_dims: Any, args: tuple[Any, ...], batch: int, checked: bool = False) -> tuple[int | None, ...]:
     """Each extra argument's batch dimension: in_dims (torch.vmap's convention over (x, *args)), or
     by default 0 for tensors whose first dimension is B and None for everything else."""
     if in_dims is None:
         return tuple(0 if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch else None for a in args)
+    if checked and isinstance(in_dims, tuple):
+        return tuple(None if d is None else d % args[i].dim() for i, d in enumerate(in_dims[1:]))
     if isinstance(in_dims, int):
         in_dims = (in_dims,) * (1 + len(args))
     if not isinstance(in_dims, (tuple, list)) or len(in_dims) != 1 + len(args):
@@ -232,6 +237,13 @@ def arg_dims(in_dims: Any, args: tuple[Any, ...], batch: int) -> tuple[int | Non
             raise ValueError(f"in_dims[{i + 1}] is {d} but args[{i}] has shape {tuple(a.shape)}: its dimension {d} "
                              f"must be the batch size {batch}")
     return tuple(None if d is None else d % args[i].dim() for i, d in enumerate(dims))
+
+
+@functools.lru_cache(maxsize=256)
+def _index(dims: tuple[Any, ...], n: int, device: torch.device) -> Tensor:
+    """The checked index tensor of `dims` (cached: a call's dims are the same call after call)."""
+    with torch.inference_mode(False):
+        return _checked_dims(dims, n, device)
 
 
 def _checked_dims(dims: Sequence[int] | Tensor, n: int, device: torch.device) -> Tensor:

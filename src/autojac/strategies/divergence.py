@@ -26,12 +26,10 @@ def _square(p: Problem, y: Tensor) -> None:
                          f"*{p.in_shape}) to {tuple(y.shape)}. For other outputs use autojac.jacobian")
 
 
-def _own_entries(rows: Tensor, start: int, stop: int, batch: int) -> Tensor:
-    """From rows (c, B, *in) of every sample's Jacobian along e_start .. e_stop-1, entry i of row i:
-    (c, B)."""
-    flat = rows.reshape(stop - start, batch, -1)
-    index = torch.arange(stop - start, device=rows.device)
-    return flat[index, :, index + start]
+def _own_trace(rows: Tensor, start: int, stop: int, batch: int) -> Tensor:
+    """From rows (c, B, *in) of every sample's Jacobian along e_start .. e_stop-1, the sum of entry
+    i of row i: (B,)."""
+    return rows.reshape(stop - start, batch, -1)[:, :, start:stop].diagonal(dim1=0, dim2=2).sum(-1)
 
 
 def _rows(p: Problem, chunk: int | None) -> Tensor:
@@ -42,14 +40,16 @@ def _rows(p: Problem, chunk: int | None) -> Tensor:
     _square(p, y)
     if not y.requires_grad:
         return x.new_zeros(p.batch)
-    pieces = []
+    total: Tensor | None = None
     for start, stop in spans(p.n, chunk):
         seeds = broadcast_rows(start, stop, p.in_shape, p.batch, y)
         keep = stop < p.n
         rows = (vjp_of(y, x, seeds[0], retain=keep, create_graph=p.create_graph).unsqueeze(0) if stop - start == 1
                 else vjp_of(y, x, seeds, retain=keep, create_graph=p.create_graph, batched=True))
-        pieces.append(_own_entries(rows, start, stop, p.batch).sum(0))
-    return torch.stack(pieces).sum(0) if len(pieces) > 1 else pieces[0]
+        trace = _own_trace(rows, start, stop, p.batch)
+        total = trace if total is None else total + trace
+    assert total is not None
+    return total
 
 
 def _loop(p: Problem, chunk: int | None) -> Tensor:
@@ -64,11 +64,13 @@ def _forward(p: Problem, chunk: int | None) -> Tensor:
         _square(p, y)
         return column
 
-    traces = []
+    total: Tensor | None = None
     for start, stop in spans(p.n, chunk):
         columns = vmap(push)(one_hot_rows(start, stop, p.in_shape, p.x))  # (c, B, *out)
-        traces.append(_own_entries(columns, start, stop, p.batch).sum(0))
-    return torch.stack(traces).sum(0)
+        trace = _own_trace(columns, start, stop, p.batch)
+        total = trace if total is None else total + trace
+    assert total is not None
+    return total
 
 
 def _full(p: Problem, chunk: int | None) -> Tensor:
