@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import hessian as func_hessian, jacrev, vmap
 
 import autojac
-from autojac import tuner
+from autojac import trust, tuner
 from autojac.strategies import registry
 
 from helpers import assert_close, centered, diagonal_blocks, loop_hessian, loop_jacobian, mlp
@@ -383,7 +383,7 @@ def test_calls_with_extras_are_served_by_the_hot_path_after_the_first(monkeypatc
 
 
 def test_the_aux_of_every_served_call_comes_from_the_callers_x_with_create_graph():
-    # the batch-independence re-checks at calls 8, 16, ... run f too: their forward pass must not
+    # the batch-independence re-checks at calls 16, 32, ... run f too: their forward pass must not
     # stand in for the answer's (its aux would hang off a copy of x, cut from the caller's graph)
     net = field()
 
@@ -392,7 +392,7 @@ def test_the_aux_of_every_served_call_comes_from_the_callers_x_with_create_graph
         return y, y
 
     t = torch.tensor(0.5, dtype=torch.float64)
-    for call in range(10):
+    for call in range(trust.FIRST_CHECK + 1):  # the first scheduled check included
         x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
         _, aux = autojac.divergence(with_aux, x * 1.0, args=(t,), has_aux=True, create_graph=True)
         (grad,) = torch.autograd.grad(aux.sum(), x)

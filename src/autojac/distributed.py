@@ -32,9 +32,12 @@ _published: set[tuple[int, str]] = set()  # (the group's store, plan key): a new
 _guard = threading.Lock()
 
 
+_is_initialized = dist.is_initialized if _AVAILABLE else (lambda: False)
+
+
 def group_started() -> bool:
     """Whether a process group is initialized (cheap: asked on every cached call)."""
-    return _AVAILABLE and dist.is_initialized()
+    return _is_initialized()
 
 
 def active() -> bool:

@@ -25,7 +25,6 @@ import os
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -40,7 +39,7 @@ from .models import Plan, candidate_label, parse_label
 from .numerics import computation_dtype
 from .probes import Probes, quick_coupling, run_probes
 from .problem import BatchedFn, Problem, Sizes
-from .signature import FnInfo, Signature, describe, weak_slot
+from .signature import FnInfo, Signature, WeakTable, describe, weak_slot
 from .store import MemoryStore, PlanStore
 from .strategies import registry
 from .strategies.registry import BATCH_INDEPENDENT, VMAP, Strategy, normal_tensor
@@ -186,7 +185,7 @@ class Planner:
         self._trusted: set[str] = set()  # keys whose plans were tuned or cross-checked in this process
         self._made: set[str] = set()  # keys whose plans this process made (probing f)
         # f -> {(name, glance): Entry}
-        self._entries: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+        self._entries = WeakTable()
         self._probes: dict[Signature, Probes] = {}
         self._locks: dict[Signature, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -374,7 +373,7 @@ class Planner:
         self._probes.clear()
         self._trusted.clear()
         self._made.clear()
-        self._entries = weakref.WeakKeyDictionary()
+        self._entries = WeakTable()
 
     # -- making plans ---------------------------------------------------------------------------
 

@@ -323,14 +323,43 @@ def _hook_text(module: nn.Module) -> str:
     return f" hooks {counts}" if any(counts) else ""
 
 
-def weak_slot(f: Any, table: weakref.WeakKeyDictionary[Any, dict[Any, Any]],
-              make: bool) -> tuple[dict[Any, Any] | None, Any]:
+class WeakTable:
+    """A dict per object, kept while the object lives (a WeakKeyDictionary by identity: faster on
+    the hot path, and for objects that define __eq__)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, tuple[weakref.ref[Any], dict[Any, Any]]] = {}
+
+    def get(self, owner: Any) -> dict[Any, Any] | None:
+        found = self._slots.get(id(owner))
+        return found[1] if found is not None and found[0]() is owner else None
+
+    def setdefault(self, owner: Any) -> dict[Any, Any]:
+        slot = self.get(owner)
+        if slot is None:
+            key = id(owner)
+
+            def forget(ref: weakref.ref[Any], slots: dict[int, Any] = self._slots) -> None:
+                if slots.get(key, (None,))[0] is ref:  # not a newer object at the same address
+                    del slots[key]
+
+            slot = {}
+            self._slots[key] = (weakref.ref(owner, forget), slot)  # TypeError if not weakly referenceable
+        return slot
+
+    def clear(self) -> None:
+        self._slots.clear()
+
+
+def weak_slot(f: Any, table: WeakTable, make: bool) -> tuple[dict[Any, Any] | None, Any]:
     """The dict kept for f in `table` (weakly: f's death drops it; made if `make`), and f's key in
     it; bound methods are new objects on every access, so theirs is kept under their object.
     (None, None) when there is none, or f cannot be referenced weakly."""
-    owner, name = (f.__self__, f.__func__) if isinstance(f, types.MethodType) else (f, None)
+    owner, name = (f.__self__, f.__func__) if type(f) is types.MethodType else (f, None)
+    if not make:
+        return table.get(owner), name
     try:
-        return (table.setdefault(owner, {}) if make else table.get(owner)), name
+        return table.setdefault(owner), name
     except TypeError:
         return None, None
 
@@ -349,7 +378,7 @@ def describe(f: Callable[..., Any]) -> FnInfo:
     return info
 
 
-_DESCRIPTIONS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+_DESCRIPTIONS = WeakTable()
 
 
 def _cell_value(cell: types.CellType) -> Any:

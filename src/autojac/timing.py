@@ -95,10 +95,10 @@ class TuneSettings:
     confirm_margin: float = 1.25
     confirm_repeats: int = 3
     # A problem whose best call takes under `cheap_call` seconds is tuned within `cheap_budget`
-    # (probes included): 100 ms is 50 calls of 2 ms, and fewer calls' worth of anything cheaper
-    # would leave too few timings to tell strategies apart.
+    # (probes included), so that its whole first call stays under 100 ms, 50 calls of 2 ms (fewer
+    # calls' worth of anything cheaper would leave too few timings to tell strategies apart).
     cheap_call: float = 2e-3
-    cheap_budget: float = 0.1
+    cheap_budget: float = 0.08
 
     @classmethod
     def from_env(cls) -> TuneSettings:
