@@ -369,17 +369,19 @@ class EnvironmentStore:
     or a job that changes them within a process is followed by plans(), export, clear and writes."""
 
     def __init__(self) -> None:
-        self._stores: dict[tuple[Path, tuple[Path, ...]], DiskStore] = {}
+        self._stores: dict[tuple[str | None, str | None], DiskStore] = {}
         self._lock = threading.Lock()
 
     @property
     def current(self) -> DiskStore:
-        where = (config.cache_dir(), tuple(config.shipped_plan_files()))
-        with self._lock:
-            store = self._stores.get(where)
-            if store is None:
-                store = self._stores[where] = DiskStore(*where)
-            return store
+        named = (os.environ.get("AUTOJAC_CACHE_DIR"), os.environ.get("AUTOJAC_PLANS"))
+        store = self._stores.get(named)
+        if store is None:
+            with self._lock:
+                store = self._stores.get(named)
+                if store is None:
+                    store = self._stores[named] = DiskStore(config.cache_dir(), config.shipped_plan_files())
+        return store
 
     @property
     def path(self) -> Path:

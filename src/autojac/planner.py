@@ -25,7 +25,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -386,14 +386,14 @@ class Planner:
         """A tuned plan of the same signature at the nearest batch size within BATCH_REUSE_FACTOR,
         made for this batch size without timing if its strategy fits in memory here; else None."""
         known = dict(self._families.get(sig.family, {}))
-        if isinstance(self.store, (cache.DiskStore, cache.EnvironmentStore)):
-            for plan in self.store.family(sig.family):
+        nearest = _nearest(known, sig.batch)
+        if nearest is None and isinstance(self.store, (cache.DiskStore, cache.EnvironmentStore)):
+            for plan in self.store.family(sig.family):  # plans of this family not yet used here
                 known.setdefault(plan.batch_size, plan)
-        nearby = [(abs(math.log(b / sig.batch)), b) for b in known
-                  if b > 0 and sig.batch > 0 and abs(math.log(b / sig.batch)) <= math.log(BATCH_REUSE_FACTOR)]
-        if not nearby:
+            nearest = _nearest(known, sig.batch)
+        if nearest is None:
             return None
-        source = known[min(nearby)[1]]
+        source = known[nearest]
         if _unsuitable(source, sig, problem):
             return None
         strategy = registry.get(source.strategy, sig.op)
@@ -534,6 +534,13 @@ class Planner:
         else:
             log.info("chose %s for %s of %s by heuristic (tuning off)", plan.label, sig.op, sig.fn_name)
         return plan, outcome.result
+
+
+def _nearest(batch_sizes: Collection[int], batch: int) -> int | None:
+    """The batch size nearest to `batch` (by ratio) within BATCH_REUSE_FACTOR, or None."""
+    near = [(abs(math.log(b / batch)), b) for b in batch_sizes
+            if b > 0 and batch > 0 and abs(math.log(b / batch)) <= math.log(BATCH_REUSE_FACTOR)]
+    return min(near)[1] if near else None
 
 
 def problem_f(problem: Problem) -> BatchedFn:

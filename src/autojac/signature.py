@@ -24,6 +24,7 @@ described again; the key changes only if the fingerprint does.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import hashlib
@@ -32,7 +33,7 @@ import platform
 import sys
 import types
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -73,19 +74,26 @@ class Signature:
     @functools.cached_property
     def key(self) -> str:
         """Stable hex digest of every field: the on-disk cache key."""
-        return _digest(asdict(self))
+        return _digest(self._fields())
 
     @functools.cached_property
     def family(self) -> str:
         """Digest of every field but the batch size: plans of one family differ only in B."""
-        fields = asdict(self)
+        fields = self._fields()
         del fields["batch"]
         return _digest(fields)
+
+    def _fields(self) -> dict[str, Any]:
+        # every field is a primitive or a tuple of them: no need for asdict's deep copies
+        return {f.name: getattr(self, f.name) for f in _SIGNATURE_FIELDS}
 
 
 def _digest(fields: dict[str, Any]) -> str:
     text = json.dumps(fields, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+_SIGNATURE_FIELDS = dataclasses.fields(Signature)
 
 
 @dataclass
