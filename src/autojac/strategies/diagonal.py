@@ -1,8 +1,8 @@
 """Per-sample Hessian diagonals (B, *out, *in) and Laplacians (B, *out), their sums.
 
 Each strategy computes the diagonal d[b, k, i] = d^2 f(x)[b, k] / d x[b, i]^2, `chunk` input
-coordinates per vectorized pass, and a Laplacian sums it over i. The forward Laplacian, which
-serves both for the models it recognizes, lives in forward_laplacian.py.
+coordinates per vectorized pass, and a Laplacian sums it over i. The engine's forward Laplacian
+(jet_laplacian, in jet.py), which serves both for every f it has rules for, comes first.
 Sizes: B samples, n input and m output elements per sample.
 """
 
@@ -133,8 +133,8 @@ register(Strategy(
 
 
 def _heuristic(s: Sizes) -> list[str]:
-    # Measured on CPU (benchmarks/second_order.py, tanh MLP): the forward Laplacian wins
-    # wherever it applies (2x to 100x). For other f: double backward for scalar outputs (looped
+    # Measured on CPU (benchmarks/second_order.py, tanh MLP; benchmarks/pinn.py): the forward
+    # Laplacian wins wherever it applies (2x to 100x). For other f: double backward for scalar outputs (looped
     # rather than vectorized for wide inputs kept differentiable), nested forward mode for vector
     # outputs (its cost does not grow with m).
     if s.m > 1:
@@ -143,7 +143,7 @@ def _heuristic(s: Sizes) -> list[str]:
         order = ["loop_diag", "vmap_hessian_diag", "hvp_diag", "grad_grad_diag", "fwd_fwd_diag"]
     else:
         order = ["grad_grad_diag", "loop_diag", "vmap_hessian_diag", "hvp_diag", "fwd_fwd_diag"]
-    return ["forward_laplacian", *order]
+    return ["jet_laplacian", *order]
 
 
 set_heuristic("hessian_diag", _heuristic)

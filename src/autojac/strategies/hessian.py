@@ -143,7 +143,7 @@ register(Strategy(
 
 
 def _heuristic(s: Sizes) -> list[str]:
-    # Measured on CPU (benchmarks/second_order.py, tanh MLP): the forward Hessian (n^2 carried
+    # Measured on CPU (benchmarks/second_order.py, tanh MLP): the engine's Hessian (n^2 carried
     # per unit) wins when n <= 4 m; otherwise double backward vectorized over the input basis,
     # unless the result must stay differentiable: differentiating its vmapped backward again is
     # 3-5x slower at n = 128, where vmap over samples (m = 1) or forward over reverse wins.
@@ -153,7 +153,7 @@ def _heuristic(s: Sizes) -> list[str]:
     else:
         order = (["sum_grad_grad", "loop_grad_grad", "vmap_rev_rev", "vmap_fwd_rev", "sum_fwd_rev"] if s.m == 1
                  else ["sum_grad_grad", "sum_fwd_rev", "vmap_fwd_rev", "loop_grad_grad", "vmap_rev_rev"])
-    return ["forward_hessian", *order] if s.n <= 4 * s.m else [*order, "forward_hessian"]
+    return ["jet_hessian", *order] if s.n <= 4 * s.m else [*order, "jet_hessian"]
 
 
 set_heuristic("hessian", _heuristic)

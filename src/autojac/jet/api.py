@@ -1,0 +1,255 @@
+"""What the engine computes, as plain functions of (f, x): Jacobians, second-order quantities,
+several of them in one pass, divergences, and whether the engine can follow f at all.
+
+Shapes: x is (B, *in) with n = prod(in) elements per sample; f(x) is (B, *out).
+
+    jacobian      (B, *out, *in)
+    laplacian     (B, *out)              sum_i d2 f / dx_i2
+    hessian_diag  (B, *out, *in)         d2 f / dx_i2
+    hvp           (B, *out, *in)         H v, v of x's shape
+    hessian       (B, *out, *in, *in)
+
+Results are plain torch operations of x and f's parameters: with gradients enabled they are
+differentiable (create_graph), exactly as f's own output would be.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from .interpreter import Interpreter, Jet, run
+from .order import Order, pair_table
+from .stacks import Unsupported, expanded, lift
+
+SECOND_ORDER = ("laplacian", "hessian_diag", "hessian", "hvp")
+KNOWN = ("value", "jacobian", *SECOND_ORDER)
+
+
+def basis(start: int, stop: int, x: Tensor) -> Tensor:
+    """The input basis vectors e_start .. e_{stop-1}, the same for every sample: (k, 1, *in).
+    Made once per span, shape, dtype and device (the engine never writes into a stack)."""
+    return _basis(start, stop, tuple(x.shape[1:]), x.dtype, x.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _basis(start: int, stop: int, in_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    k = stop - start
+    rows = torch.zeros(k, math.prod(in_shape), dtype=dtype, device=device)
+    rows[torch.arange(k, device=device), torch.arange(start, stop, device=device)] = 1
+    return rows.view(k, 1, *in_shape)
+
+
+def spans(total: int, chunk: int | None) -> list[tuple[int, int]]:
+    step = total if chunk is None else max(chunk, 1)
+    return [(start, min(start + step, total)) for start in range(0, total, step)] or [(0, 0)]
+
+
+def _per_sample(stack: Tensor | None, y: Tensor, count: int) -> Tensor:
+    """A stack (L, *b) as (B, *out, L) for y of shape (B, *out); zeros for None."""
+    if stack is None:
+        return y.new_zeros(*y.shape, count)
+    full = expanded(stack, y.shape)
+    if 0 in full.stride()[1:] and full.numel() > 1:
+        full = full.contiguous()
+    return full.movedim(0, -1)
+
+
+def _kind(op: str) -> str:
+    return {"laplacian": "sum", "hessian_diag": "diag", "hvp": "along", "hessian": "pairs", "jacobian": "first",
+            "value": "first"}[op]
+
+
+def _second_order(op: str, n: int, start: int, stop: int, device: torch.device) -> tuple[Order, int]:
+    """The order for `op` on the chunk [start, stop) of directions, and where its directions start
+    (the Hessian's chunk of rows pairs with every column, so it carries all n directions)."""
+    k = stop - start
+    if op != "hessian":
+        return Order(_kind(op), k), start
+    if (start, stop) == (0, n):
+        a, b = torch.triu_indices(n, n, device=device)
+        return Order("pairs", n, (a, b)), 0
+    rows = torch.arange(start, stop, device=device).repeat_interleave(n)
+    cols = torch.arange(n, device=device).repeat(k)
+    return Order("pairs", n, (rows, cols)), 0
+
+
+def forward(f: Callable[[Tensor], Tensor], x: Tensor, order: Order, start: int, stop: int,
+            v: Tensor | None = None, interpreter: Interpreter | None = None) -> tuple[Tensor, Jet | None]:
+    """Interpret f on x carrying the directions e_start .. e_{stop-1} (and v last, for "along")."""
+    seeds = basis(start, stop, x)
+    if order.kind == "along":
+        assert v is not None
+        seeds = torch.cat([seeds.expand(stop - start, *x.shape), v[None]])
+    return run(f, x, interpreter or Interpreter(order), seeds)
+
+
+def derivatives(f: Callable[[Tensor], Tensor], x: Tensor, ops: Iterable[str] = ("value", "jacobian", "laplacian"),
+                *, v: Tensor | None = None, chunk: int | None = None) -> dict[str, Tensor]:
+    """Several quantities of f at x from one forward pass (per chunk of input directions): the value,
+    the Jacobian, and at most one second-order quantity. Returns {op: tensor}, shapes in the module
+    docstring. Raises Unsupported if f does something the engine has no rule for."""
+    ops = tuple(ops)
+    unknown = [op for op in ops if op not in KNOWN]
+    if unknown:
+        raise ValueError(f"unknown operation {unknown[0]!r}; known: {', '.join(KNOWN)}")
+    second = [op for op in ops if op in SECOND_ORDER]
+    if len(second) > 1:
+        raise ValueError(f"one second-order quantity per pass, got {second}; call derivatives once for each")
+    if second and second[0] == "hvp" and v is None:
+        raise ValueError("hvp needs v, a direction per sample of x's shape")
+    if second and second[0] == "hessian" and "jacobian" in ops and chunk is not None:
+        raise ValueError("the Hessian's chunks carry every direction: ask for the Jacobian without chunk")
+    n = math.prod(x.shape[1:])
+    kind = second[0] if second else "jacobian"
+    want_jacobian = "jacobian" in ops
+    y = None
+    jacobians: list[Tensor] = []
+    seconds: list[Tensor] = []
+    for start, stop in spans(n, chunk):
+        order, first = (_second_order(kind, n, start, stop, x.device) if second else (Order("first", stop - start), start))
+        hi = n if kind == "hessian" else stop
+        y, jet = forward(f, x, order, first, hi, v)
+        if want_jacobian:
+            t = jet.t[: hi - first] if jet is not None and jet.t is not None else None
+            jacobians.append(_per_sample(t, y, hi - first))
+        if second:
+            seconds.append(_finish_second(kind, jet, y, order, n, start, stop))
+        if not second and not want_jacobian:
+            break
+    assert y is not None
+    in_shape = tuple(x.shape[1:])
+    out: dict[str, Tensor] = {}
+    if "value" in ops:
+        out["value"] = y
+    if want_jacobian:
+        whole = jacobians[0] if len(jacobians) == 1 else torch.cat(jacobians, -1)
+        if kind == "hessian":
+            whole = jacobians[0]
+        out["jacobian"] = whole.reshape(*y.shape, *in_shape)
+    if second:
+        out[kind] = _join_second(kind, seconds, y, in_shape)
+    return out
+
+
+def _finish_second(kind: str, jet: Jet | None, y: Tensor, order: Order, n: int, start: int, stop: int) -> Tensor:
+    s = jet.s if jet is not None else None
+    if kind == "laplacian":
+        return expanded(s, y.shape)[0] if s is not None else y.new_zeros(y.shape)
+    if kind == "hessian":
+        if s is not None and (start, stop) == (0, n):
+            s = s.index_select(0, pair_table(n, y.device))
+        return _per_sample(s, y, (stop - start) * n)
+    return _per_sample(s, y, stop - start)
+
+
+def _join_second(kind: str, pieces: Sequence[Tensor], y: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+    if kind == "laplacian":
+        total = pieces[0]
+        for piece in pieces[1:]:
+            total = total + piece
+        return total if total.shape == y.shape else total.expand(y.shape)
+    whole = pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
+    tail = in_shape + in_shape if kind == "hessian" else in_shape
+    return whole.reshape(*y.shape, *tail)
+
+
+def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, chunk: int | None = None) -> Tensor:
+    """(B, *out, *in) by forward mode: the directions carried from the input."""
+    return derivatives(f, x, ("jacobian",), chunk=chunk)["jacobian"]
+
+
+def second_order(op: str, f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor | None = None,
+                 chunk: int | None = None) -> Tensor:
+    """One of laplacian, hessian_diag, hvp, hessian; shapes in the module docstring."""
+    return derivatives(f, x, (op,), v=v, chunk=chunk)[op]
+
+
+def divergence(f: Callable[[Tensor], Tensor], x: Tensor, chunk: int | None = None) -> Tensor:
+    """(B,): the trace of each sample's square Jacobian, sum_i d f_i / d x_i, for f whose per-sample
+    output has as many elements as its input. When f's last operation is a linear layer, only the
+    diagonal of its product is formed (n dot products per sample instead of an n x n product)."""
+    n = math.prod(x.shape[1:])
+    total: Tensor | None = None
+    for start, stop in spans(n, chunk):
+        y, jet = forward(f, x, Order("first", stop - start), start, stop)
+        if math.prod(y.shape[1:]) != n:
+            raise ValueError(f"divergence needs f's output to have as many elements per sample as its input ({n}); "
+                             f"f returned per-sample shape {tuple(y.shape[1:])}")
+        part = y.new_zeros(y.shape[0]) if jet is None else _trace(jet, y, start, stop)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def _trace(jet: Jet, y: Tensor, start: int, stop: int) -> Tensor:
+    """sum over the chunk's directions k of d y[start + k] / d e_k: (B,)."""
+    k = stop - start
+    pending = jet.pending  # f's last operation was a linear layer whose tangents nothing read
+    if pending is not None and y.dim() == 2:  # y = h W^T + b: only entries (k, start + k) are needed
+        stack, weight = pending
+        return (lift(stack, 2) * weight[start:stop, None, :]).sum((0, 2)).expand(y.shape[0])
+    t = _per_sample(jet.t, y, k).reshape(y.shape[0], -1, k)  # (B, n, k)
+    return t[:, start:stop, :].diagonal(dim1=1, dim2=2).sum(-1)
+
+
+_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check(f: Callable[[Tensor], Tensor], x: Tensor) -> str:
+    """"" if the engine can follow f on inputs like x (every operation f calls on a traced tensor has
+    a rule), else the reason, naming the operation. Runs f once on two samples with two directions
+    (a few milliseconds for a small network); never raises. The verdict is kept per f and shape while
+    nothing f reads is rebound; it only decides whether the engine is tried, never what it returns."""
+    key = _verdict_key(f, x)
+    slot = _slot(f)
+    if slot is not None and key is not None and key in slot:
+        return slot[key]
+    why = _check(f, x)
+    if slot is not None and key is not None:
+        slot[key] = why
+    return why
+
+
+def _check(f: Callable[[Tensor], Tensor], x: Tensor) -> str:
+    n = math.prod(x.shape[1:])
+    if n == 0 or x.shape[0] == 0:
+        return "x has no elements"
+    k = min(n, 2)
+    attempts = [x[:2], x] if x.shape[0] > 2 else [x]
+    why = ""
+    for sample in attempts:
+        try:
+            with torch.no_grad():
+                y, _ = forward(f, sample.detach(), Order("diag", k), 0, k)
+            if y.shape[0] != sample.shape[0]:
+                return f"f returned {y.shape[0]} rows for a batch of {sample.shape[0]}"
+            return ""
+        except Unsupported as error:
+            return str(error)
+        except Exception as error:  # f itself failed on this slice; try the whole batch
+            why = f"f raised {type(error).__name__} under the engine: {error}"
+    return why
+
+
+def _slot(f: object) -> dict | None:
+    try:
+        return _VERDICTS.setdefault(f, {})
+    except TypeError:  # not weakly referenceable (a bound method is made anew at each access)
+        return None
+
+
+def _verdict_key(f: object, x: Tensor) -> tuple | None:
+    from ..signature import identity_state
+
+    try:
+        key = (identity_state(f), tuple(x.shape[1:]), x.dtype, x.device)  # type: ignore[arg-type]
+        hash(key)
+        return key
+    except Exception:
+        return None
