@@ -200,7 +200,7 @@ def test_second_order_script_times_every_candidate_and_reports(create_graph):
     times = row["times"]
     assert {"autojac", "vmap(hessian)", row["plan"]} <= set(times)
     assert all(t > 0 for t in times.values()) and row["tuning_seconds"] > 0
-    assert "forward_laplacian" in times  # the tanh MLP is one the forward Laplacian applies to
+    assert "jet_laplacian" in times  # the engine applies to the tanh MLP
     text = "\n".join(second_order.report([row]))
     assert "over 1 shapes" in text and row["plan"] in text
 

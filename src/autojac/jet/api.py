@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .interpreter import Interpreter, Jet, run
 from .order import Order, pair_table
+from .reverse import Structure, analyse
 from .stacks import Unsupported, expanded, lift
 
 SECOND_ORDER = ("laplacian", "hessian_diag", "hessian", "hvp")
@@ -86,7 +87,14 @@ def forward(f: Callable[[Tensor], Tensor], x: Tensor, order: Order, start: int, 
     if order.kind == "along":
         assert v is not None
         seeds = torch.cat([seeds.expand(stop - start, *x.shape), v[None]])
-    return run(f, x, interpreter or Interpreter(order), seeds)
+    interpreter = interpreter or Interpreter(order)
+    out = run(f, x, interpreter, seeds)
+    if x.shape[0]:
+        try:
+            _WIDEST.setdefault(f, {})[(tuple(x.shape[1:]), x.dtype)] = interpreter.widest // x.shape[0]
+        except TypeError:  # f cannot be held weakly
+            pass
+    return out
 
 
 def derivatives(f: Callable[[Tensor], Tensor], x: Tensor, ops: Iterable[str] = ("value", "jacobian", "laplacian"),
@@ -108,16 +116,25 @@ def derivatives(f: Callable[[Tensor], Tensor], x: Tensor, ops: Iterable[str] = (
     n = math.prod(x.shape[1:])
     kind = second[0] if second else "jacobian"
     want_jacobian = "jacobian" in ops
+    if chunk is None and kind != "hessian":
+        chunk = auto_chunk(f, x, 2 if kind in ("hessian_diag", "hvp") else 1)
     y = None
-    jacobians: list[Tensor] = []
+    directions: Tensor | None = None  # the Jacobian, directions first: (n, B, *out)
+    pieces: list[Tensor] = []
     seconds: list[Tensor] = []
     for start, stop in spans(n, chunk):
         order, first = (_second_order(kind, n, start, stop, x.device) if second else (Order("first", stop - start), start))
         hi = n if kind == "hessian" else stop
         y, jet = forward(f, x, order, first, hi, v)
-        if want_jacobian:
-            t = jet.t[: hi - first] if jet is not None and jet.t is not None else None
-            jacobians.append(_per_sample(t, y, hi - first))
+        if want_jacobian and (kind != "hessian" or start == 0):
+            if (start, hi) == (first, n) or (start == 0 and kind == "hessian"):  # one span: no copy
+                pieces.append(_directions(jet, y, hi - first))
+            elif torch.is_grad_enabled():
+                pieces.append(_directions(jet, y, stop - start))
+            else:  # write each span into the result: no second copy, and one large allocation only
+                if directions is None:
+                    directions = y.new_empty(n, *y.shape)
+                _write(directions[start:stop], jet, y)
         if second:
             seconds.append(_finish_second(kind, jet, y, order, n, start, stop))
         if not second and not want_jacobian:
@@ -128,13 +145,57 @@ def derivatives(f: Callable[[Tensor], Tensor], x: Tensor, ops: Iterable[str] = (
     if "value" in ops:
         out["value"] = y
     if want_jacobian:
-        whole = jacobians[0] if len(jacobians) == 1 else torch.cat(jacobians, -1)
-        if kind == "hessian":
-            whole = jacobians[0]
-        out["jacobian"] = whole.reshape(*y.shape, *in_shape)
+        if directions is None:
+            directions = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        out["jacobian"] = directions.movedim(0, -1).reshape(*y.shape, *in_shape)
     if second:
         out[kind] = _join_second(kind, seconds, y, in_shape)
     return out
+
+
+def _directions(jet: Jet | None, y: Tensor, count: int) -> Tensor:
+    """The first-order stack of f's output as (count, B, *out), materialized where it was compact."""
+    t = jet.t if jet is not None else None
+    if t is None:
+        return y.new_zeros(count, *y.shape)
+    full = expanded(t[:count], y.shape)
+    return full.contiguous() if 0 in full.stride()[1:] and full.numel() > 1 else full
+
+
+def _write(into: Tensor, jet: Jet | None, y: Tensor) -> None:
+    """Write f's output's first-order stack into `into` (k, B, *out); a pending linear layer writes its
+    product there directly."""
+    if jet is None:
+        into.zero_()
+        return
+    pending = jet.pending
+    if pending is not None and into.dim() == 3:
+        stack, weight = pending
+        torch.matmul(expanded(stack, (y.shape[0], stack.shape[-1])), weight.t(), out=into)
+        return
+    into.copy_(expanded(jet.t, y.shape))
+
+
+# Stacks of about this many bytes per traced value: on CPU a fresh allocation much larger is mapped
+# anew from the system on every call (page faults), which cost more than running f once more.
+AUTO_CHUNK_BYTES = 8 << 20
+_WIDEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def auto_chunk(f: Callable[[Tensor], Tensor], x: Tensor, stacks: int) -> int | None:
+    """Directions per span so that each traced value's `stacks` stacks stay near AUTO_CHUNK_BYTES
+    (CPU only), from the widest value seen in an earlier call on inputs of this shape; None (all at
+    once) when unknown or not needed. It changes only the cost, never the result."""
+    if x.device.type != "cpu":
+        return None
+    try:
+        widest = _WIDEST.get(f, {}).get((tuple(x.shape[1:]), x.dtype))
+    except TypeError:
+        return None
+    if not widest:
+        return None
+    per_direction = x.shape[0] * widest * x.element_size() * stacks
+    return max(1, AUTO_CHUNK_BYTES // max(per_direction, 1))
 
 
 def _finish_second(kind: str, jet: Jet | None, y: Tensor, order: Order, n: int, start: int, stop: int) -> Tensor:
@@ -198,22 +259,50 @@ def _trace(jet: Jet, y: Tensor, start: int, stop: int) -> Tensor:
     return t[:, start:stop, :].diagonal(dim1=1, dim2=2).sum(-1)
 
 
-_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class Profile:
+    """What the engine learnt about f for inputs of one shape: whether it can follow f (`reason`,
+    "" if so) and, when asked, the cuts of f's computation (for meeting in the middle)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        self._structure: Structure | str | None = None
+
+    def structure(self, f: Callable[[Tensor], Tensor], x: Tensor) -> Structure | str:
+        """f's cuts, from one recorded interpretation on two samples; or why there are none."""
+        if self._structure is None:
+            try:
+                with torch.no_grad():
+                    self._structure = analyse(f, x[:2].detach())
+            except Exception as error:  # never raised to the user: the strategy does not apply
+                self._structure = f"{type(error).__name__}: {error}" if not isinstance(error, Unsupported) else str(error)
+        return self._structure
+
+
+_PROFILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def profile(f: Callable[[Tensor], Tensor], x: Tensor) -> Profile:
+    """The engine's profile of f for inputs like x, kept per f and per shape while nothing f reads is
+    rebound (signature.identity_state). It decides only whether the engine is tried and where forward
+    and reverse mode meet; every call interprets f afresh, and a call that leaves the profiled path is
+    computed by a generic strategy, so a stale profile can cost time but never a wrong result."""
+    key = _profile_key(f, x)
+    slot = _slot(f)
+    if slot is not None and key is not None:
+        found = slot.get(key)
+        if found is not None:
+            return found
+    found = Profile(_check(f, x))
+    if slot is not None and key is not None:
+        slot[key] = found
+    return found
 
 
 def check(f: Callable[[Tensor], Tensor], x: Tensor) -> str:
     """"" if the engine can follow f on inputs like x (every operation f calls on a traced tensor has
     a rule), else the reason, naming the operation. Runs f once on two samples with two directions
-    (a few milliseconds for a small network); never raises. The verdict is kept per f and shape while
-    nothing f reads is rebound; it only decides whether the engine is tried, never what it returns."""
-    key = _verdict_key(f, x)
-    slot = _slot(f)
-    if slot is not None and key is not None and key in slot:
-        return slot[key]
-    why = _check(f, x)
-    if slot is not None and key is not None:
-        slot[key] = why
-    return why
+    (a few milliseconds for a small network) the first time for f and this shape; never raises."""
+    return profile(f, x).reason
 
 
 def _check(f: Callable[[Tensor], Tensor], x: Tensor) -> str:
@@ -239,12 +328,12 @@ def _check(f: Callable[[Tensor], Tensor], x: Tensor) -> str:
 
 def _slot(f: object) -> dict | None:
     try:
-        return _VERDICTS.setdefault(f, {})
+        return _PROFILES.setdefault(f, {})
     except TypeError:  # not weakly referenceable (a bound method is made anew at each access)
         return None
 
 
-def _verdict_key(f: object, x: Tensor) -> tuple | None:
+def _profile_key(f: object, x: Tensor) -> tuple | None:
     from ..signature import identity_state
 
     try:

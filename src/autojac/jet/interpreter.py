@@ -74,6 +74,7 @@ class Interpreter(TorchFunctionMode):
         self.failure = ""  # the first Unsupported raised, even if f caught it
         self.watch: Callable[[Interpreter, Tensor, Jet], None] | None = None  # sees every traced value
         self.seen: set[str] | None = None  # the names of the rules applied, when a test asks
+        self.widest = 0  # elements of the largest traced value (for choosing spans of directions)
 
     # -- the table of traced values -------------------------------------------------------------
 
@@ -92,6 +93,9 @@ class Interpreter(TorchFunctionMode):
 
     def track(self, value: Tensor, jet: Jet) -> Tensor:
         key = id(value)
+        size = value.numel()
+        if size > self.widest:
+            self.widest = size
         jet.version = value._version
         self.table[key] = (weakref.ref(value, functools.partial(self._forget, key)), jet)
         if self.watch is not None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from ..jet import api
+from ..jet import api, reverse
 from ..jet.stacks import Unsupported
 from ..problem import Problem, Sizes
 from .curvature import OPS_DIAGONAL
@@ -50,6 +50,32 @@ def _jacobian(p: Problem, chunk: int | None) -> Tensor:
     return api.jacobian(p.f, p.x, chunk)
 
 
+def _reverse_jacobian(p: Problem, chunk: int | None) -> Tensor:
+    return reverse.reverse_jacobian(p.f, p.x, chunk)
+
+
+def _meet_applies(p: Problem) -> str:
+    why = _applies(p)
+    if why:
+        return why
+    structure = api.profile(p.f, p.x).structure(p.f, p.x)
+    if isinstance(structure, str):
+        return structure
+    if not structure.cuts:
+        return "f has no layer that every path from x to its output goes through (as a chain's layers are)"
+    return ""
+
+
+def _meet_jacobian(p: Problem, chunk: int | None) -> Tensor:
+    structure = api.profile(p.f, p.x).structure(p.f, p.x)
+    if isinstance(structure, str) or not structure.cuts:
+        raise Unsupported("f has no cut")
+    out_numel = structure.out_numel
+    cut, _, _, _ = structure.best(p.n, out_numel)
+    assert cut is not None
+    return reverse.meet_jacobian(p.f, p.x, cut, chunk)
+
+
 def _memory(carried: Callable[[int], int], result: Callable[[Sizes], int]) -> Callable[[Sizes, int | None], int]:
     """Every traced value carries `carried(c)` stacks of its size for c directions beside itself; the
     result is kept twice (pieces and whole)."""
@@ -61,6 +87,10 @@ def _memory(carried: Callable[[int], int], result: Callable[[Sizes], int]) -> Ca
 
 def _in_basis(s: Sizes) -> int:
     return s.n
+
+
+def _out_basis(s: Sizes) -> int:
+    return s.m
 
 
 register(Strategy(
@@ -90,4 +120,18 @@ register(Strategy(
     applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
     summary="the engine in forward mode: the input directions carried through f's operations, every linear "
             "layer one matrix product over samples x directions",
+))
+register(Strategy(
+    name="jet_jacobian_rev", ops=frozenset({"jacobian"}), run=_guarded(_reverse_jacobian),
+    memory=_memory(lambda c: 1, lambda s: s.tensor(s.batch, s.m, s.n) * 2), basis=_out_basis,
+    applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
+    summary="the engine in reverse mode: f interpreted once, then the output directions carried back through "
+            "each operation's transposed derivative (the last layer's adjoint is its weight)",
+))
+register(Strategy(
+    name="jet_jacobian_meet", ops=frozenset({"jacobian"}), run=_guarded(_meet_jacobian),
+    memory=_memory(lambda c: c, lambda s: s.tensor(s.batch, s.m, s.n) * 2), basis=_out_basis,
+    applies=_meet_applies, needs=frozenset({BATCH_INDEPENDENT}),
+    summary="the engine meeting in the middle: input directions forward to the cut of f that costs least "
+            "(a narrow layer of a chain), output directions back to it, one batched product per sample",
 ))
