@@ -127,7 +127,7 @@ def derivatives(f: Callable[[Tensor], Tensor], x: Tensor, ops: Iterable[str] = (
         hi = n if kind == "hessian" else stop
         y, jet = forward(f, x, order, first, hi, v)
         if want_jacobian and (kind != "hessian" or start == 0):
-            if (start, hi) == (first, n) or (start == 0 and kind == "hessian"):  # one span: no copy
+            if (start, stop) == (0, n) or kind == "hessian":  # one span (the Hessian's carry all): no copy
                 pieces.append(_directions(jet, y, hi - first))
             elif torch.is_grad_enabled():
                 pieces.append(_directions(jet, y, stop - start))

@@ -54,6 +54,9 @@ class Jet:
 
 
 Curvature = Callable[[Order], "Tensor | None"]
+# The tape node of a value that depends on x other than through the value where forward and reverse
+# mode meet (reverse.meet_jacobian): whatever it feeds is marked too, and f's output must not be.
+BYPASS = -2
 Link = tuple[Jet, Map]
 
 
@@ -111,6 +114,24 @@ class Interpreter(TorchFunctionMode):
         """Mark a value as no longer readable (updated in place: its coefficients are gone)."""
         self.track(value, Jet(None, None, stale=why))
 
+    def in_place(self, target: Tensor, value: Any, name: str) -> Any:
+        """Finish an in-place operation computed out of place as `value`: without autograd, write it
+        into `target` and trace target with value's coefficients (f sees its tensor updated, as
+        asked). With autograd on, writing could spoil tensors the coefficients' graph saved, so the
+        update is returned as a new tensor and target may no longer be read."""
+        if torch.is_grad_enabled() or not isinstance(value, Tensor) or value.shape != target.shape:
+            self.spoil(target, f"f reads a tensor after {name} updated it in place")
+            return value
+        jet = self.jet(value)
+        target.copy_(value)
+        if jet is None:
+            self.table.pop(id(target), None)
+        else:
+            twin = Jet(jet._t, jet.s, jet.node)
+            twin.pending = jet.pending
+            self.track(target, twin)
+        return target
+
     def fail(self, why: str) -> None:
         if not self.failure:
             self.failure = why
@@ -128,6 +149,8 @@ class Interpreter(TorchFunctionMode):
         the rule itself (the maps are then only for the tape)."""
         if not links:
             return value
+        if self.tape is not None and any(jet.node == BYPASS for jet, _ in links):
+            return self.track(value, Jet(None, None, BYPASS))
         if self.forward and joint is None and stacks is None and len(links) == 1 \
                 and isinstance(links[0][1], Linear) and self.tape is None:
             # a linear layer's tangents wait until read: the last layer's, for a Laplacian, never are
@@ -161,6 +184,11 @@ class Interpreter(TorchFunctionMode):
                   maps: Sequence[Map | None]) -> None:
         """Trace an op with several outputs, linear in one input: split(stack) gives each output's
         stack (computed once per stack); maps[i] is output i's map for the tape (None: not traced)."""
+        if self.tape is not None and jet.node == BYPASS:
+            for value, m in zip(values, maps):
+                if m is not None:
+                    self.track(value, Jet(None, None, BYPASS))
+            return
         t_parts = split(jet.t) if self.forward and jet.t is not None else None
         s_parts = split(jet.s) if self.forward and jet.s is not None else None
         for i, (value, m) in enumerate(zip(values, maps)):
@@ -209,7 +237,7 @@ class Interpreter(TorchFunctionMode):
         except Exception as error:  # a rule that cannot follow this call: the engine does not apply
             self.fail(f"{name_of(func)} failed in the engine ({type(error).__name__}: {error})")
         if in_place:
-            self.spoil(args[0], f"f reads a tensor after {name_of(func)} updated it in place")
+            return self.in_place(args[0], value, name_of(func))
         return value
 
     def _touches(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
@@ -255,6 +283,10 @@ def name_of(func: Any) -> str:
         return "torch.Tensor." + name.split(".", 1)[1]
     if module in ("torch._C._nn", "torch.nn.functional"):
         return "torch.nn.functional." + name
+    if module and module.startswith("torch._C._"):  # torch._C._linalg.linalg_inv is torch.linalg.inv
+        space = module[len("torch._C._"):]
+        public = {"nn": "torch.nn.functional"}.get(space, f"torch.{space}")
+        return f"{public}.{name.removeprefix(space + '_')}"
     if module in (None, "torch", "torch._C._VariableFunctions") or "_VariableFunctions" in name:
         return "torch." + name.split(".")[-1]
     return f"{module}.{name}"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .interpreter import Interpreter, Jet, run
+from .interpreter import BYPASS, Interpreter, Jet, run
 from .maps import Map
 from .order import Order
 from .stacks import Unsupported, add, expanded
@@ -167,9 +167,9 @@ def meet_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, cut: Cut, chunk: int
             interp.fail(f"the meeting point of forward and reverse mode moved (shape {tuple(value.shape[1:])}, "
                         f"not {cut.shape})")
         held["t"] = jet.t  # (n, *b): the forward half
-        for key, (ref, other) in list(interp.table.items()):
+        for ref, other in list(interp.table.values()):
             if ref() is not value:
-                other.stale = "f reads a value from below the meeting point of forward and reverse mode"
+                other.node = BYPASS
         interp.forward, interp.second, interp.tape = False, False, []
         jet.node = len(interp.tape)
         interp.tape.append((jet.node, []))
@@ -181,6 +181,8 @@ def meet_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, cut: Cut, chunk: int
     y, jet = run(f, x, interpreter, basis(0, n, x))
     if "t" not in held:
         raise Unsupported("f did not reach the meeting point of forward and reverse mode")
+    if jet is not None and jet.node == BYPASS:
+        raise Unsupported("f's output depends on x other than through the meeting point of forward and reverse mode")
     m = math.prod(y.shape[1:])
     batch = x.shape[0]
     forward_half = held["t"]
