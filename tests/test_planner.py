@@ -145,7 +145,8 @@ def test_candidates_without_vmap_drop_the_vmap_strategies():
     pool, excluded = candidates("jacobian", sizes, _probes(vmap_ok=False, vmap_error="boom"),
                                 create_graph=False, budget=None)
     names = {c.strategy.name for c in pool}
-    assert names == {"sum_rev", "sum_grad", "sum_fwd", "loop_rev"}
+    assert names == {"sum_rev", "sum_grad", "sum_fwd", "loop_rev", "jet_jacobian_fwd", "jet_jacobian_rev",
+                     "jet_jacobian_meet"}
     assert "vmap" in excluded["vmap_rev"] and "boom" in excluded["vmap_rev"]
 
 

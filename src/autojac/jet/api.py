@@ -15,10 +15,11 @@ differentiable (create_graph), exactly as f's own output would be.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -271,7 +272,7 @@ class Profile:
         """f's cuts, from one recorded interpretation on two samples; or why there are none."""
         if self._structure is None:
             try:
-                with torch.no_grad():
+                with torch.no_grad(), _buffers_kept(f):
                     self._structure = analyse(f, x[:2].detach())
             except Exception as error:  # never raised to the user: the strategy does not apply
                 self._structure = f"{type(error).__name__}: {error}" if not isinstance(error, Unsupported) else str(error)
@@ -314,7 +315,7 @@ def _check(f: Callable[[Tensor], Tensor], x: Tensor) -> str:
     why = ""
     for sample in attempts:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _buffers_kept(f):
                 y, _ = forward(f, sample.detach(), Order("diag", k), 0, k)
             if y.shape[0] != sample.shape[0]:
                 return f"f returned {y.shape[0]} rows for a batch of {sample.shape[0]}"
@@ -324,6 +325,21 @@ def _check(f: Callable[[Tensor], Tensor], x: Tensor) -> str:
         except Exception as error:  # f itself failed on this slice; try the whole batch
             why = f"f raised {type(error).__name__} under the engine: {error}"
     return why
+
+
+@contextlib.contextmanager
+def _buffers_kept(f: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Leave the buffers of the modules f reaches as they were (BatchNorm counts its calls even
+    where the engine then refuses it): checking f must not change it."""
+    from ..signature import describe
+
+    saved = [(b, b.detach().clone()) for m in describe(f).modules() for b in m.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)
 
 
 def _slot(f: object) -> dict | None:
