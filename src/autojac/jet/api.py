@@ -177,9 +177,10 @@ def _write(into: Tensor, jet: Jet | None, y: Tensor) -> None:
     into.copy_(expanded(jet.t, y.shape))
 
 
-# Stacks of about this many bytes per traced value: on CPU a fresh allocation much larger is mapped
-# anew from the system on every call (page faults), which cost more than running f once more.
-AUTO_CHUNK_BYTES = 8 << 20
+# Stacks of about this many bytes per traced value (all its stacks): on CPU a fresh allocation of 32 MB
+# or more is mapped anew from the system at every call (page faults: 3x slower per byte on the
+# development machine), which costs more than running f once more per span.
+AUTO_CHUNK_BYTES = 16 << 20
 _WIDEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -875,7 +875,7 @@ def _cast(x: Tensor, y: Tensor, *args: Any, **kwargs: Any) -> Callable[[Tensor],
 
 deflinear("cast", [*named("to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "clone",
                           "contiguous")], _cast, batched=True,
-          examples=lambda x: x.to(x.dtype).clone().contiguous() * x.double().to(x) * x.to("cpu"))
+          examples=lambda x: x.to(x.dtype).clone().contiguous() * x.double().to(x) * x.to("cpu").type(x.type()))
 
 
 def _reduce(mean: bool) -> Callable[..., Callable[[Tensor], Tensor]]:

@@ -112,7 +112,7 @@ def deflinear(name: str, funcs: Iterable[Any], stack_fn: Callable[..., Callable[
         x = args[0] if args else kwargs["input"]
         y = func(*args, **kwargs)
         jet = ctx.jet(x)
-        if jet is None:  # only a shape or index argument is traced: the result does not move
+        if jet is None or not isinstance(y, Tensor):  # a traced shape or index argument; x.type() names a type
             return y
         rest = args[1:] if args else ()
         fn = stack_fn(x, y, *rest, **{k: v for k, v in kwargs.items() if k != "input"})
