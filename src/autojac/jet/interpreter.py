@@ -15,7 +15,6 @@ that into "does not apply" at planning time, and into a generic fallback at call
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,6 +29,12 @@ from .maps import Linear, Map
 from .order import Order
 from .table import RULES, resolve
 from .stacks import Unsupported, add
+
+
+class _Ref(weakref.ref):
+    """A weak reference to a traced value that knows its key in the table (for its callback)."""
+
+    __slots__ = ("key",)
 
 
 class Jet:
@@ -100,15 +105,17 @@ class Interpreter(TorchFunctionMode):
         if size > self.widest:
             self.widest = size
         jet.version = value._version
-        self.table[key] = (weakref.ref(value, functools.partial(self._forget, key)), jet)
+        ref = _Ref(value, self._forget)
+        ref.key = key
+        self.table[key] = (ref, jet)
         if self.watch is not None:
             self.watch(self, value, jet)
         return value
 
-    def _forget(self, key: int, ref: weakref.ref) -> None:
-        entry = self.table.get(key)
+    def _forget(self, ref: _Ref) -> None:
+        entry = self.table.get(ref.key)
         if entry is not None and entry[0] is ref:
-            del self.table[key]
+            del self.table[ref.key]
 
     def spoil(self, value: Tensor, why: str) -> None:
         """Mark a value as no longer readable (updated in place: its coefficients are gone)."""

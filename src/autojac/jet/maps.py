@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .stacks import compact, expanded, lift, reduce_to
+from .stacks import compact, constant, expanded, lift, reduce_to
 
 
 class Map:
@@ -51,10 +51,11 @@ class Scale(Map):
         self.factor, self.in_shape, self.out_shape = factor, in_shape, out_shape
 
     def __call__(self, stack: Tensor) -> Tensor:
-        return lift(stack, len(self.out_shape)) * self.factor
+        factor = self.factor
+        return lift(stack, len(self.out_shape)) * (factor if isinstance(factor, Tensor) else constant(factor, stack))
 
     def transpose(self, adjoint: Tensor) -> Tensor:
-        return reduce_to(lift(adjoint, len(self.out_shape)) * self.factor, self.in_shape, self.out_shape)
+        return reduce_to(self(adjoint), self.in_shape, self.out_shape)
 
 
 class Identity(Map):

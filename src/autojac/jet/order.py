@@ -41,7 +41,8 @@ class Order:
         """T_a * T_b over the pairs, shaped like S: the term a unary rule scales by y''."""
         kind = self.kind
         if kind == "sum":
-            if t.shape[0] <= 16 and not torch.is_grad_enabled():  # no (K, *b) temporary: K fused adds
+            if t.shape[0] <= 16 and t.numel() >= 1 << 20 and not torch.is_grad_enabled():
+                # a large (K, *b) temporary would cost more than K fused multiply-adds
                 total = torch.zeros_like(t[:1])
                 for k in range(t.shape[0]):
                     total.addcmul_(t[k:k + 1], t[k:k + 1])
@@ -60,9 +61,9 @@ class Order:
         of y = bil(a, b) for a bilinear bil (a product, a matrix product)."""
         kind = self.kind
         if kind == "sum":
-            return 2 * bilinear(ta, tb).sum(0, keepdim=True)
+            return bilinear(ta, tb).sum(0, keepdim=True) * 2
         if kind == "diag":
-            return 2 * bilinear(ta, tb)
+            return bilinear(ta, tb) * 2
         if kind == "along":
             k = self.directions
             return bilinear(ta[:k], tb[k:]) + bilinear(ta[k:], tb[:k])

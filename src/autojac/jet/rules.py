@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from .interpreter import Interpreter, Jet
 from .maps import Apply, Identity, Linear, MatmulLeft, MatmulRight, Scale
 from .order import Order
-from .stacks import Unsupported, compact, expanded, lift, zeros
+from .stacks import Unsupported, compact, constant, expanded, lift, zeros
 from .table import Example, def_comp, def_deriv, def_rule, defzero, deflinear, named
 
 T = torch.Tensor
@@ -58,10 +58,12 @@ def _g2_zero(x: Tensor, y: Tensor, g1: Any, *p: Any) -> None:
     return None
 
 
-_unary("tanh", named("tanh"), torch.tanh, lambda x, y: 1 - y * y, lambda x, y, g1: -2 * y * g1,
-       ratio=lambda x, y: -2 * y)
-_unary("sigmoid", named("sigmoid", "expit"), torch.sigmoid, lambda x, y: y * (1 - y),
-       lambda x, y, g1: g1 * (1 - 2 * y), ratio=lambda x, y: 1 - 2 * y)
+# The most used rules avoid Python numbers (wrapped anew at each call): constant(c, y) is made once.
+_unary("tanh", named("tanh"), torch.tanh, lambda x, y: torch.addcmul(constant(1, y), y, y, value=-1),
+       lambda x, y, g1: -2 * y * g1, ratio=lambda x, y: y * constant(-2, y))
+_unary("sigmoid", named("sigmoid", "expit"), torch.sigmoid, lambda x, y: torch.addcmul(y, y, y, value=-1),
+       lambda x, y, g1: g1 * torch.addcmul(constant(1, y), y, constant(-2, y)),
+       ratio=lambda x, y: torch.addcmul(constant(1, y), y, constant(-2, y)))
 _unary("sin", named("sin"), torch.sin, lambda x, y: torch.cos(x), lambda x, y, g1: -y)
 _unary("cos", named("cos"), torch.cos, lambda x, y: -torch.sin(x), lambda x, y, g1: -y)
 _unary("tan", named("tan"), torch.tan, lambda x, y: 1 + y * y, lambda x, y, g1: 2 * y * g1,

@@ -10,6 +10,8 @@ what they give, compacted again where it stayed a broadcast.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -72,3 +74,14 @@ def add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 def zeros(count: int, like: Tensor) -> Tensor:
     """A zero stack of `count` directions for a value like `like`, compact in every dimension."""
     return like.new_zeros(count, *(1,) * like.dim())
+
+
+def constant(value: float, like: Tensor) -> Tensor:
+    """The number as a 0-d tensor of like's dtype and device, made once: an operation with a Python
+    number wraps it anew at each call, 2-3x the cost of the operation on small tensors."""
+    return _constant(float(value), like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)

@@ -141,7 +141,7 @@ def def_deriv(name: str, funcs: Iterable[Any], value: Callable[..., Tensor], fir
             raise Unsupported(f"{name} with a traced parameter")
         y = value(x, *extra)
         g1 = first(x, y, *extra)
-        link = (jet, Scale(g1, x.shape, y.shape))
+        link = (jet, Scale(g1, x.shape, y.shape) if ctx.tape is not None else None)  # the map is for the tape
         if not ctx.forward:
             out = ctx.emit(y, [link])
         else:
