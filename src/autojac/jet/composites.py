@@ -291,10 +291,10 @@ def_comp("norm", [torch.norm, torch.Tensor.norm], norm,
 def_comp("linalg_norm", [torch.linalg.norm], linalg_norm, [lambda x: torch.linalg.norm(x, dim=-1)])
 def_comp("normalize", [F.normalize], normalize, [lambda x: F.normalize(x, dim=1) * x])
 def_comp("scaled_dot_product_attention", [F.scaled_dot_product_attention], scaled_dot_product_attention,
-         [Example(lambda x: F.scaled_dot_product_attention(x.view(-1, 3, 2), torch.sin(x).view(-1, 3, 2),
-                                                          x.view(-1, 3, 2) ** 2).flatten(1), (6,)),
-          Example(lambda x: F.scaled_dot_product_attention(x.view(-1, 3, 2), x.view(-1, 3, 2), x.view(-1, 3, 2),
-                                                          is_causal=True).flatten(1), (6,))])
+         [Example(lambda x: F.scaled_dot_product_attention(x.view(-1, 2, 2), torch.sin(x).view(-1, 2, 2),
+                                                          x.view(-1, 2, 2) ** 2).sum(-1), (4,)),
+          Example(lambda x: F.scaled_dot_product_attention(x.view(-1, 3, 1), x.view(-1, 3, 1), x.view(-1, 3, 1),
+                                                          is_causal=True).flatten(1), (3,))])
 def_comp("mish", named("mish"), mish, [lambda x: F.mish(x)])
 def_comp("glu", named("glu"), glu, [Example(lambda x: F.glu(x, -1) * x[:, :2], (4,))])
 def_comp("hypot", named("hypot"), hypot, [lambda x: torch.hypot(x, x.flip(-1) + 1)])

@@ -628,10 +628,10 @@ def _conv(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict)
 
 
 def_rule("conv", named("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d"), _conv, "linear",
-         [Example(lambda x: torch.tanh(F.conv1d(x.view(-1, 1, 6), torch.linspace(-1, 1, 6, dtype=x.dtype).view(2, 1, 3),
-                                                torch.ones(2, dtype=x.dtype), padding=1)).flatten(1), (6,)),
-          Example(lambda x: F.conv2d(x.view(-1, 1, 3, 3), torch.linspace(-1, 1, 4, dtype=x.dtype).view(1, 1, 2, 2)).flatten(1),
-                  (9,))])
+         [Example(lambda x: torch.tanh(F.conv1d(x.view(-1, 1, 4), torch.linspace(-1, 1, 6, dtype=x.dtype).view(2, 1, 3),
+                                                torch.ones(2, dtype=x.dtype), padding=1)).sum(1), (4,)),
+          Example(lambda x: F.conv2d(x.view(-1, 1, 2, 2), torch.linspace(-1, 1, 4, dtype=x.dtype).view(1, 1, 2, 2)).flatten(1)
+                  * x[:, :1], (4,))])
 
 
 # ---------------------------------------------------------------------------------------------
