@@ -66,6 +66,9 @@ def test_rule_matches_the_reference(rule, index):
     torch.testing.assert_close(out["hessian"].reshape(*lead, n, n), h, **tolerance)
     diagonal = h.diagonal(dim1=-2, dim2=-1)
     torch.testing.assert_close(api.second_order("hessian_diag", example.fn, x).reshape(*lead, n), diagonal, **tolerance)
-    torch.testing.assert_close(api.second_order("laplacian", example.fn, x), diagonal.sum(-1), **tolerance)
+    with torch.no_grad():  # without autograd the rules work in place where they can
+        torch.testing.assert_close(api.second_order("hessian_diag", example.fn, x).reshape(*lead, n), diagonal,
+                                   **tolerance)
+        torch.testing.assert_close(api.second_order("laplacian", example.fn, x), diagonal.sum(-1), **tolerance)
     hv = (h @ v.reshape(2, *(1,) * (h.dim() - 3), n, 1)).squeeze(-1)
     torch.testing.assert_close(api.second_order("hvp", example.fn, x, v).reshape(*lead, n), hv, **tolerance)

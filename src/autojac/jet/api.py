@@ -70,15 +70,20 @@ def _kind(op: str) -> str:
 def _second_order(op: str, n: int, start: int, stop: int, device: torch.device) -> tuple[Order, int]:
     """The order for `op` on the chunk [start, stop) of directions, and where its directions start
     (the Hessian's chunk of rows pairs with every column, so it carries all n directions)."""
-    k = stop - start
     if op != "hessian":
-        return Order(_kind(op), k), start
+        return Order(_kind(op), stop - start), start
+    return Order("pairs", n, _pairs(n, start, stop, device)), 0
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(n: int, start: int, stop: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The pairs (a, b) of directions whose second derivatives a Hessian's span of rows needs: i <= j
+    for the whole Hessian (mirrored at the end), every (row, column) for a span of rows."""
     if (start, stop) == (0, n):
         a, b = torch.triu_indices(n, n, device=device)
-        return Order("pairs", n, (a, b)), 0
+        return a, b
     rows = torch.arange(start, stop, device=device).repeat_interleave(n)
-    cols = torch.arange(n, device=device).repeat(k)
-    return Order("pairs", n, (rows, cols)), 0
+    return rows, torch.arange(n, device=device).repeat(stop - start)
 
 
 def forward(f: Callable[[Tensor], Tensor], x: Tensor, order: Order, start: int, stop: int,

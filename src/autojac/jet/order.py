@@ -18,6 +18,7 @@ mode) propagates as cheaply as one pair.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -73,12 +74,7 @@ class Order:
         return bilinear(ta_a, tb_b) + bilinear(ta_b, tb_a)
 
 
-def upper_pairs(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The pairs (i, j), i <= j < n, and the (n, n) table of each (i, j)'s place among them."""
-    a, b = torch.triu_indices(n, n, device=device)
-    return a, b
-
-
+@functools.lru_cache(maxsize=64)
 def pair_table(n: int, device: torch.device) -> Tensor:
     """(n * n,) index of the pair (min(i, j), max(i, j)) among upper_pairs(n), for entry (i, j)."""
     a, b = torch.triu_indices(n, n, device=device)

@@ -1071,5 +1071,3 @@ def _dropout_call(ctx: Interpreter, func: Callable[..., Any], input: Tensor, p: 
 def_rule("dropout", named("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"),
          _dropout, "linear", lambda x: F.dropout(x, 0.3, training=False) * x)
 
-
-__all__ = ["def_comp"]

@@ -148,20 +148,31 @@ def def_deriv(name: str, funcs: Iterable[Any], value: Callable[..., Tensor], fir
             t = jet.t
             s = None
             if ctx.second:
-                quad = ctx.order.quad(t)
-                if ratio is not None:
-                    r = ratio(x, y, *extra)
-                    s = g1 * (torch.addcmul(jet.s, r, quad) if jet.s is not None else r * quad)
-                else:
-                    g2 = second(x, y, g1, *extra)
-                    if jet.s is not None:
-                        s = g1 * jet.s if g2 is None else torch.addcmul(g1 * jet.s, g2, quad)
-                    elif g2 is not None:
-                        s = g2 * quad
+                s = _second_stack(ctx.order.quad(t), jet.s, g1, y,
+                                  ratio(x, y, *extra) if ratio is not None else None,
+                                  second(x, y, g1, *extra) if ratio is None else None)
             out = ctx.emit(y, [link], stacks=(g1 * t, s))
         return ctx.in_place(x, out, name) if in_place else out
 
     return def_rule(name, funcs, apply, "deriv", examples)
+
+
+def _second_stack(quad: Tensor, s: Tensor | None, g1: Tensor, y: Tensor, ratio: Tensor | None,
+                  g2: Tensor | float | None) -> Tensor | None:
+    """g1 S + g2 quad (or g1 (S + ratio quad)). Without autograd, in place in quad (a fresh tensor)
+    where it has the result's shape: one large allocation instead of three."""
+    in_place = not torch.is_grad_enabled() and quad.shape[1:] == y.shape
+    if ratio is not None:
+        if in_place:
+            total = quad.mul_(ratio)
+            return (total if s is None else total.add_(s)).mul_(g1)
+        return g1 * (torch.addcmul(s, ratio, quad) if s is not None else ratio * quad)
+    if g2 is None:
+        return None if s is None else g1 * s
+    if in_place:
+        total = quad.mul_(g2)
+        return total if s is None else total.addcmul_(g1, s)
+    return torch.addcmul(g1 * s, g2, quad) if s is not None else g2 * quad
 
 
 def _one_input(input: Tensor) -> tuple[Tensor, tuple, bool]:
