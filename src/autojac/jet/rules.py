@@ -963,7 +963,13 @@ def _cat(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict, 
 
     def joint(pieces: Sequence[Tensor | None]) -> Tensor:
         count = next(p.shape[0] for p in pieces if p is not None)
-        return op([expanded(p if p is not None else zeros(count, t), t.shape) for p, t in zip(pieces, tensors)], d)
+        lifted = [lift(p, t.dim()) if p is not None else zeros(count, t) for p, t in zip(pieces, tensors)]
+        # a dimension (not the joined one) along which every piece is compact stays compact
+        keep = [all(p.shape[i + 1] == 1 for p in lifted) for i in range(tensors[0].dim())]
+        if not stack:
+            keep[d] = False
+        shapes = [[1 if keep[i] else size for i, size in enumerate(t.shape)] for t in tensors]
+        return op([p.expand(count, *shape) for p, shape in zip(lifted, shapes)], d)
 
     traced = [i for i, jet in enumerate(jets) if jet is not None]
 
