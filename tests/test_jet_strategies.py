@@ -203,12 +203,13 @@ def tolerance(name):
 def test_every_engine_strategy_matches_the_reference(name):
     f, x, v = _setup(name)
     h = reference(name, f, x)
-    for op, strategy in SECOND.items():
+    for op, forward in SECOND.items():
         problem = Problem(op, f, x, v if op == "hvp" else None)
-        assert get(strategy).applies(problem) == "", (name, strategy)
-        for chunk in (None, 2):
-            torch.testing.assert_close(get(strategy)(problem, chunk), second_order_reference(op, h, (x.shape[1],), v),
-                                       **tolerance(name))
+        for strategy in (forward, "jet_fwd_rev"):
+            assert get(strategy).applies(problem) == "", (name, strategy)
+            for chunk in (None, 2):
+                torch.testing.assert_close(get(strategy)(problem, chunk),
+                                           second_order_reference(op, h, (x.shape[1],), v), **tolerance(name))
     expected = loop_jacobian(f, x)
     for strategy in JACOBIAN:
         problem = Problem("jacobian", f, x)
@@ -233,10 +234,12 @@ def _loss_gradient(compute, f, x):
     *((name, "laplacian") for name in ("wrapped", "residual", "attention", "fourier", "space_time", "layer_norm",
                                         "group_norm")),
     ("residual", "hessian_diag"), ("layer_norm", "hessian_diag"),  # (the other models share these rules)
+    ("residual", "hessian_diag/jet_fwd_rev"), ("layer_norm", "laplacian/jet_fwd_rev"),
 ])
 def test_create_graph_gives_the_right_gradients(name, op):
     f, x, _ = _setup(name)
-    strategy = get(SECOND[op])
+    op, _, named = op.partition("/")
+    strategy = get(named or SECOND[op])
     ours = _loss_gradient(lambda xg: strategy(Problem(op, f, xg, create_graph=True)), f, x)
     if name not in INEXACT:
         expected = _loss_gradient(lambda xg: second_order_reference(op, loop_hessian(f, xg, create_graph=True),

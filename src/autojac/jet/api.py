@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .interpreter import Interpreter, Jet, run
+from .interpreter import Interpreter, Jet, Memo, run
 from .order import Order, pair_table
 from .reverse import Structure, analyse
 from .stacks import Unsupported, expanded, lift
@@ -67,7 +67,7 @@ def _kind(op: str) -> str:
             "value": "first"}[op]
 
 
-def _second_order(op: str, n: int, start: int, stop: int, device: torch.device) -> tuple[Order, int]:
+def order_for(op: str, n: int, start: int, stop: int, device: torch.device) -> tuple[Order, int]:
     """The order for `op` on the chunk [start, stop) of directions, and where its directions start
     (the Hessian's chunk of rows pairs with every column, so it carries all n directions)."""
     if op != "hessian":
@@ -87,13 +87,16 @@ def _pairs(n: int, start: int, stop: int, device: torch.device) -> tuple[Tensor,
 
 
 def forward(f: Callable[[Tensor], Tensor], x: Tensor, order: Order, start: int, stop: int,
-            v: Tensor | None = None, interpreter: Interpreter | None = None) -> tuple[Tensor, Jet | None]:
-    """Interpret f on x carrying the directions e_start .. e_{stop-1} (and v last, for "along")."""
+            v: Tensor | None = None, interpreter: Interpreter | None = None,
+            memo: Memo | None = None) -> tuple[Tensor, Jet | None]:
+    """Interpret f on x carrying the directions e_start .. e_{stop-1} (and v last, for "along");
+    `memo` shares values with the other spans of the same call."""
     seeds = basis(start, stop, x)
     if order.kind == "along":
         assert v is not None
         seeds = torch.cat([seeds.expand(stop - start, *x.shape), v[None]])
     interpreter = interpreter or Interpreter(order)
+    interpreter.memo = memo
     out = run(f, x, interpreter, seeds)
     if x.shape[0]:
         try:
@@ -128,10 +131,12 @@ def derivatives(f: Callable[[Tensor], Tensor], x: Tensor, ops: Iterable[str] = (
     directions: Tensor | None = None  # the Jacobian, directions first: (n, B, *out)
     pieces: list[Tensor] = []
     seconds: list[Tensor] = []
-    for start, stop in spans(n, chunk):
-        order, first = (_second_order(kind, n, start, stop, x.device) if second else (Order("first", stop - start), start))
+    every = spans(n, chunk)
+    memo = Memo() if len(every) > 1 else None
+    for start, stop in every:
+        order, first = (order_for(kind, n, start, stop, x.device) if second else (Order("first", stop - start), start))
         hi = n if kind == "hessian" else stop
-        y, jet = forward(f, x, order, first, hi, v)
+        y, jet = forward(f, x, order, first, hi, v, memo=memo)
         if want_jacobian and (kind != "hessian" or start == 0):
             if (start, stop) == (0, n) or kind == "hessian":  # one span (the Hessian's carry all): no copy
                 pieces.append(_directions(jet, y, hi - first))

@@ -65,20 +65,37 @@ BYPASS = -2
 Link = tuple[Jet, Map]
 
 
+class Memo:
+    """What the interpretations of one call share: f's input alias and the values of `reuse`."""
+
+    def __init__(self) -> None:
+        self.x_in: Tensor | None = None
+        self.values: dict[int, tuple[Any, tuple[Any, ...], Any]] = {}
+
+
 class Interpreter(TorchFunctionMode):
     """One interpretation of f; see the module docstring.
 
     order: the coefficients to carry forward (None: none, as when only recording for reverse mode).
     record: keep a tape of every traced operation's maps, for reverse mode.
+    curvature_on_tape: carry only first-order stacks forward, and keep each operation's own
+    second-order term (a function of its inputs' tangents) on the tape, to be weighted by the
+    output's adjoint in a reverse sweep (reverse.second_order_by_adjoints) instead of propagated.
     """
 
-    def __init__(self, order: Order | None, record: bool = False):
+    def __init__(self, order: Order | None, record: bool = False, curvature_on_tape: bool = False):
         super().__init__()
         self.order = order
         self.forward = order is not None
-        self.second = order is not None and order.second
+        self.second = order is not None and order.second and not curvature_on_tape
         self.table: dict[int, tuple[weakref.ref, Jet]] = {}
-        self.tape: list[tuple[int, list[tuple[int, Map]]]] | None = [] if record else None
+        self.tape: list[tuple[int, list[tuple[int, Map]]]] | None = [] if record or curvature_on_tape else None
+        self.curvatures: dict[int, Curvature] | None = {} if curvature_on_tape else None
+        self.shapes: dict[int, torch.Size] = {}  # the value's shape at each node with a curvature
+        # Values computed by an earlier interpretation of f on the same x within one call (an
+        # earlier span of directions), by position: see `reuse`. None: nothing shared.
+        self.memo: Memo | None = None
+        self.step = 0
         self.failure = ""  # the first Unsupported raised, even if f caught it
         self.watch: Callable[[Interpreter, Tensor, Jet], None] | None = None  # sees every traced value
         self.seen: set[str] | None = None  # the names of the rules applied, when a test asks
@@ -185,6 +202,9 @@ class Interpreter(TorchFunctionMode):
         if self.tape is not None:
             node = len(self.tape)
             self.tape.append((node, [(jet.node, m) for jet, m in links if jet.node >= 0]))
+            if self.curvatures is not None and curvature is not None:
+                self.curvatures[node] = curvature
+                self.shapes[node] = value.shape
         return self.track(value, Jet(t, s, node))
 
     def emit_each(self, values: Sequence[Any], jet: Jet, split: Callable[[Tensor], Sequence[Tensor]],
@@ -207,6 +227,23 @@ class Interpreter(TorchFunctionMode):
                 self.tape.append((node, [(jet.node, m)] if jet.node >= 0 else []))
             self.track(value, Jet(t_parts[i] if t_parts is not None else None,
                                   s_parts[i] if s_parts is not None else None, node))
+
+    def reuse(self, tag: Any, inputs: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+        """compute(), or what it gave at the same step of an earlier span's interpretation when that
+        step was the same operation (`tag`) of the very same input objects. Spans of directions
+        interpret f on the same x one after the other; the values they share (tanh of a layer,
+        the layer's product) are then computed once per call, not once per span."""
+        memo = self.memo
+        if memo is None:
+            return compute()
+        self.step += 1
+        found = memo.values.get(self.step)
+        if found is not None and found[0] == tag and len(found[1]) == len(inputs) \
+                and all(a is b for a, b in zip(found[1], inputs)):
+            return found[2]
+        out = compute()
+        memo.values[self.step] = (tag, inputs, out)
+        return out
 
     def decompose(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a composite (a decomposition into operations with rules) under this interpreter."""
@@ -302,7 +339,10 @@ def name_of(func: Any) -> str:
 def run(f: Callable[[Tensor], Any], x: Tensor, interpreter: Interpreter, t: Tensor | None,
         s: Tensor | None = None) -> tuple[Tensor, Jet | None]:
     """Interpret f on x seeded with stacks t (and s): f's output and its jet (None if constant)."""
-    x_in = x.view_as(x)  # an alias: f's input is traced, the caller's tensor is not
+    memo = interpreter.memo
+    x_in = memo.x_in if memo is not None and memo.x_in is not None else x.view_as(x)  # an alias: the caller's x is not traced
+    if memo is not None:
+        memo.x_in = x_in
     interpreter.seed(x_in, t, s)
     try:
         with interpreter:
@@ -316,4 +356,4 @@ def run(f: Callable[[Tensor], Any], x: Tensor, interpreter: Interpreter, t: Tens
         interpreter.table.clear()
 
 
-__all__ = ["Interpreter", "Jet", "Unsupported", "name_of", "run"]
+__all__ = ["Interpreter", "Jet", "Memo", "Unsupported", "name_of", "run"]

@@ -1,4 +1,5 @@
-"""Jacobians in reverse mode and meeting in the middle, from the same rules.
+"""Reverse mode from the same rules: Jacobians in reverse mode and meeting in the middle, and
+second-order quantities by weighting each operation's curvature with the output's adjoint.
 
 Reverse mode interprets f once, keeping a tape of each traced operation's maps (its derivative
 w.r.t. each traced input), then carries adjoint stacks from the output back to the input through
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .interpreter import BYPASS, Interpreter, Jet, run
+from .interpreter import BYPASS, Interpreter, Jet, Memo, run
 from .maps import Map
 from .order import Order
 from .stacks import Unsupported, add, expanded
@@ -202,3 +203,84 @@ def meet_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, cut: Cut, chunk: int
     if 0 in jac.stride():
         jac = jac.contiguous()
     return jac.reshape(*y.shape, *x.shape[1:])
+
+
+def second_order_by_adjoints(op: str, f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor | None = None,
+                             chunk: int | None = None) -> Tensor:
+    """laplacian, hessian_diag, hvp or hessian (shapes in api) without second-order stacks: the
+    input's tangents are carried forward, each operation's own second-order term (y'' T_a T_b for
+    an elementwise y, the cross term of a product...) is kept on the tape, and one reverse sweep per
+    output element weights them by the output's adjoint: d2 f_m / de_a de_b is the sum over the
+    operations of <adjoint of f_m at the op, its term>. Cheaper than carrying the second-order
+    stacks through every later layer when there are fewer outputs than pairs of directions (a
+    scalar's Hessian diagonal or Hessian). `chunk` input directions per interpretation."""
+    from .api import auto_chunk, forward, order_for, spans
+
+    n = math.prod(x.shape[1:])
+    if chunk is None and op != "hessian":  # every nonlinear operation's input tangents live until the sweep
+        chunk = auto_chunk(f, x, 2)
+    in_shape = tuple(x.shape[1:])
+    pieces: list[Tensor] = []
+    y = None
+    every = spans(n, chunk)
+    memo = Memo() if len(every) > 1 else None
+    for start, stop in every:
+        order, first = order_for(op, n, start, stop, x.device)
+        hi = n if op == "hessian" else stop
+        interpreter = Interpreter(order, curvature_on_tape=True)
+        y, jet = forward(f, x, order, first, hi, v, interpreter=interpreter, memo=memo)
+        pairs = _pair_count(order)
+        m = math.prod(y.shape[1:])
+        if jet is None or jet.node < 0 or m == 0:
+            pieces.append(y.new_zeros(y.shape[0], m, pairs))
+            continue
+        seed = _one_hot(0, m, y)
+        total = _weighted_curvatures(interpreter, jet.node, seed, order)
+        pieces.append(y.new_zeros(y.shape[0], m, pairs) if total is None else total.expand(y.shape[0], m, pairs))
+    assert y is not None
+    out = y.shape[1:]
+    if op == "laplacian":
+        total = pieces[0]
+        for piece in pieces[1:]:
+            total = total + piece
+        return total.reshape(*y.shape)
+    whole = pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
+    if op == "hessian":
+        if len(pieces) == 1:  # pairs i <= j, mirrored
+            from .order import pair_table
+            whole = whole.index_select(-1, pair_table(n, x.device))
+        return whole.reshape(y.shape[0], *out, *in_shape, *in_shape)
+    return whole.reshape(y.shape[0], *out, *in_shape)
+
+
+def _pair_count(order: Order) -> int:
+    if order.kind == "sum":
+        return 1
+    if order.kind == "pairs":
+        assert order.pairs is not None
+        return order.pairs[0].numel()
+    return order.directions
+
+
+def _weighted_curvatures(interpreter: Interpreter, top: int, seed: Tensor, order: Order) -> Tensor | None:
+    """Sum over the tape's operations of <adjoint at the op, its curvature>: (b, M, P) for the M
+    output directions of `seed` and the order's P pairs."""
+    tape, curvatures, shapes = interpreter.tape, interpreter.curvatures, interpreter.shapes
+    assert tape is not None and curvatures is not None
+    adjoints: dict[int, Tensor] = {top: seed}
+    total: Tensor | None = None
+    for node, links in reversed(tape[: top + 1]):
+        adjoint = adjoints.pop(node, None)
+        if adjoint is None:
+            continue
+        curvature = curvatures.get(node)
+        if curvature is not None:
+            term = curvature(order)
+            if term is not None:
+                shape = tuple(shapes[node][1:])
+                a = _per_sample_rows(adjoint, shape).transpose(0, 1)  # (b, M, w)
+                c = _per_sample_rows(term, shape).permute(1, 2, 0)  # (b, w, P)
+                total = add(total, torch.matmul(a, c))
+        for source, m in links:
+            adjoints[source] = add(adjoints.get(source), m.transpose(adjoint))  # type: ignore[assignment]
+    return total

@@ -420,7 +420,7 @@ def _pow(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) 
         g2 = p * (p - 1) * (torch.pow(base, p - 2) if (isinstance(p, Tensor) or p != 2) else 1.0)
         return g2 * order.quad(jet.t)
 
-    return ctx.emit(y, [(jet, Scale(g1, base.shape, y.shape))], curvature if ctx.second else None)
+    return ctx.emit(y, [(jet, Scale(g1, base.shape, y.shape))], curvature)
 
 
 def_rule("pow", named("pow", "__pow__", "__rpow__"), _pow, "deriv",
@@ -598,7 +598,7 @@ def _linear_call(ctx: Interpreter, input: Tensor, weight: Tensor, bias: Tensor |
             y = torch.matmul(x, w.mT)
             return y if b is None else y + b
         return ctx.decompose(affine, input, weight, bias)
-    y = F.linear(input, weight, bias)
+    y = ctx.reuse("linear", (input, weight, bias), lambda: F.linear(input, weight, bias))
     return ctx.emit(y, [(ctx.jet(input), Linear(weight, input.shape, y.shape))])
 
 

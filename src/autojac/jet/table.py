@@ -139,11 +139,19 @@ def def_deriv(name: str, funcs: Iterable[Any], value: Callable[..., Tensor], fir
         jet = ctx.jet(x)
         if jet is None:
             raise Unsupported(f"{name} with a traced parameter")
-        y = value(x, *extra)
-        g1 = first(x, y, *extra)
+        def values() -> tuple[Tensor, Tensor]:
+            y = value(x, *extra)
+            return y, first(x, y, *extra)
+
+        y, g1 = ctx.reuse((name, *extra), (x,), values)
         link = (jet, Scale(g1, x.shape, y.shape) if ctx.tape is not None else None)  # the map is for the tape
+        curvature = None
+        if ctx.curvatures is not None:  # the op's own second-order term, weighted later by the adjoint
+            def curvature(order: Any) -> Tensor | None:
+                g2 = ratio(x, y, *extra) * g1 if ratio is not None else second(x, y, g1, *extra)
+                return None if g2 is None else g2 * order.quad(jet.t)
         if not ctx.forward:
-            out = ctx.emit(y, [link])
+            out = ctx.emit(y, [link], curvature)
         else:
             t = jet.t
             s = None
@@ -151,7 +159,7 @@ def def_deriv(name: str, funcs: Iterable[Any], value: Callable[..., Tensor], fir
                 s = _second_stack(ctx.order.quad(t), jet.s, g1, y,
                                   ratio(x, y, *extra) if ratio is not None else None,
                                   second(x, y, g1, *extra) if ratio is None else None)
-            out = ctx.emit(y, [link], stacks=(g1 * t, s))
+            out = ctx.emit(y, [link], curvature, stacks=(g1 * t, s))
         return ctx.in_place(x, out, name) if in_place else out
 
     return def_rule(name, funcs, apply, "deriv", examples)

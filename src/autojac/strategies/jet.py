@@ -46,6 +46,10 @@ def _second_order(p: Problem, chunk: int | None) -> Tensor:
     return api.second_order(p.op, p.f, p.x, p.v, chunk)
 
 
+def _by_adjoints(p: Problem, chunk: int | None) -> Tensor:
+    return reverse.second_order_by_adjoints(p.op, p.f, p.x, p.v, chunk)
+
+
 def _jacobian(p: Problem, chunk: int | None) -> Tensor:
     return api.jacobian(p.f, p.x, chunk)
 
@@ -113,6 +117,14 @@ register(Strategy(
     applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
     summary="the engine: value, tangents of the input directions and of v, and the second derivatives along "
             "(e_i, v), carried through f's operations in one forward pass",
+))
+register(Strategy(
+    name="jet_fwd_rev", ops=OPS_DIAGONAL | {"hessian", "hvp"}, run=_guarded(_by_adjoints),
+    memory=_memory(lambda c: 3 * c, lambda s: s.tensor(s.batch, s.m, s.n, s.n)), basis=_in_basis,
+    applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
+    summary="the engine: tangents of the input directions carried forward, each operation's own second-order "
+            "term kept, then one reverse sweep per output element weighting them by its adjoint (no "
+            "second-order stacks: cheaper for few outputs)",
 ))
 register(Strategy(
     name="jet_jacobian_fwd", ops=frozenset({"jacobian"}), run=_guarded(_jacobian),
