@@ -501,3 +501,15 @@ def test_f_that_fails_or_swallows_the_engine_error_is_not_an_exception():
         return torch.tanh(z)
 
     assert get("jet_laplacian").applies(Problem("laplacian", two_rows_fail, x)) == ""
+
+
+def test_large_results_are_ordinary_tensors():
+    from autojac.jet import memory
+
+    like = torch.zeros(1, dtype=DT)
+    big = memory.empty((3, memory.LARGE // 8 // 3 + 1), like)  # over the threshold: maybe huge pages
+    assert big.shape == (3, memory.LARGE // 8 // 3 + 1) and big.dtype == DT and big.is_contiguous()
+    big.fill_(2.0)
+    assert big.sum().item() == 2.0 * big.numel()
+    small = memory.empty((2, 3), like)
+    assert small.shape == (2, 3) and small.dtype == DT

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .interpreter import Interpreter, Jet, Memo, run
+from . import memory
 from .order import Order, pair_table
 from .reverse import Structure, analyse
 from .stacks import Unsupported, expanded, lift
@@ -138,13 +139,11 @@ def derivatives(f: Callable[[Tensor], Tensor], x: Tensor, ops: Iterable[str] = (
         hi = n if kind == "hessian" else stop
         y, jet = forward(f, x, order, first, hi, v, memo=memo)
         if want_jacobian and (kind != "hessian" or start == 0):
-            if (start, stop) == (0, n) or kind == "hessian":  # one span (the Hessian's carry all): no copy
+            if kind == "hessian" or torch.is_grad_enabled():  # (the Hessian's spans carry every direction)
                 pieces.append(_directions(jet, y, hi - first))
-            elif torch.is_grad_enabled():
-                pieces.append(_directions(jet, y, stop - start))
-            else:  # write each span into the result: no second copy, and one large allocation only
+            else:  # each span written into the result: one large allocation, no copy of the pieces
                 if directions is None:
-                    directions = y.new_empty(n, *y.shape)
+                    directions = memory.empty((n, *y.shape), y)
                 _write(directions[start:stop], jet, y)
         if second:
             seconds.append(_finish_second(kind, jet, y, order, n, start, stop))

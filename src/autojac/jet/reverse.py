@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import memory
 from .interpreter import BYPASS, Interpreter, Jet, Memo, run
 from .maps import Map
 from .order import Order
@@ -198,7 +199,10 @@ def meet_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, cut: Cut, chunk: int
             rows.append(x.new_zeros(batch, k, n))
             continue
         a = _per_sample_rows(adjoint, cut.shape).transpose(0, 1)  # (b, k, w)
-        rows.append(torch.matmul(a, t).expand(batch, k, n))  # one batched product over the samples
+        if k == m and not torch.is_grad_enabled() and a.shape[0] == t.shape[0] == batch:
+            rows.append(torch.matmul(a, t, out=memory.empty((batch, k, n), x)))  # one batched product over the samples
+        else:
+            rows.append(torch.matmul(a, t).expand(batch, k, n))
     jac = rows[0] if len(rows) == 1 else torch.cat(rows, 1)  # (B, m, n)
     if 0 in jac.stride():
         jac = jac.contiguous()
