@@ -11,12 +11,15 @@ They raise Unsupported (naming the operation) where the engine cannot follow f; 
 use the strategies (autojac.strategies.jet), which fall back to generic ones.
 
 Modules: stacks (coefficient stacks), order (which coefficients), maps (linear maps and their
-transposes), interpreter (the TorchFunctionMode), table (the rule table and its helpers), rules and
-composites (the entries), reverse (reverse mode and meeting in the middle), api (the functions above).
+transposes), interpreter (the TorchFunctionMode), table (the rule table and its helpers);
+elementwise, algebra, layout and composites (the entries); reverse (reverse mode, meeting in the
+middle, second order by adjoints), api (the functions above), memory (large results).
 """
 
-from . import composites as _composites  # noqa: F401  (fills the table)
-from . import rules as _rules  # noqa: F401  (fills the table)
+from . import algebra as _algebra  # noqa: F401  (these four fill the table)
+from . import composites as _composites  # noqa: F401
+from . import elementwise as _elementwise  # noqa: F401
+from . import layout as _layout  # noqa: F401
 from .api import check, derivatives, divergence, jacobian, second_order
 from .reverse import meet_jacobian, reverse_jacobian
 from .stacks import Unsupported

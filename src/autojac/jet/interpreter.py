@@ -1,5 +1,5 @@
 """The interpreter: runs f under a TorchFunctionMode that meets every torch operation f calls and,
-for those that touch a traced tensor, applies the operation's rule from the table (rules.py):
+for those that touch a traced tensor, applies the operation's rule from the table (table.py):
 the value as f would compute it, and the Taylor coefficients carried beside it.
 
 f is interpreted afresh at every call: nothing about it is cached between calls, so parameters

@@ -1,8 +1,8 @@
 """The rule table and the helpers that fill it, one per family of rules.
 
 `RULES` maps each torch function f may call (torch.tanh, torch.Tensor.tanh, F.tanh...) to its
-`Rule`; reading rules.py and composites.py tells what is covered, and adding an operation is one
-entry there. The families:
+`Rule`; reading elementwise.py, algebra.py, layout.py and composites.py tells what is covered, and
+adding an operation is one entry there. The families:
 
     defzero       no derivative (rounding, comparisons, *_like factories, detach)
     deflinear     linear in one input: the same operation moves every coefficient (reshapes,
