@@ -513,3 +513,32 @@ def test_large_results_are_ordinary_tensors():
     assert big.sum().item() == 2.0 * big.numel()
     small = memory.empty((2, 3), like)
     assert small.shape == (2, 3) and small.dtype == DT
+
+
+def test_blocks_of_samples_and_spans_of_directions_give_the_same_results(monkeypatch):
+    from autojac.jet import reverse
+
+    f, x, v = _setup("residual")
+    x, v = torch.cat([x, x.flip(0) * 0.5]), torch.cat([v, -v])  # 6 samples
+    h = loop_hessian(f, x)
+    expected = {op: second_order_reference(op, h, (3,), v) for op in SECOND}
+    jac = loop_jacobian(f, x)
+    api.derivatives(f, x, ("laplacian",))  # the engine learns f's widest value: later calls are split
+    monkeypatch.setattr(api, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(api, "SMALLEST_BLOCK", 4)  # blocks of 4 and 2 samples, one direction per span
+    monkeypatch.setattr(api, "SPAN_BYTES", 1)
+    assert api.spans_of_work(f, x, "laplacian", None) == (4, 1)
+    for op in SECOND:
+        assert_close(api.second_order(op, f, x, v), expected[op])
+        assert_close(reverse.second_order_by_adjoints(op, f, x, v), expected[op])
+    out = api.derivatives(f, x, ("value", "jacobian", "hessian_diag"))
+    assert_close(out["value"], f(x))
+    assert_close(out["jacobian"], jac)
+    assert_close(out["hessian_diag"], expected["hessian_diag"])
+    assert_close(api.jacobian(f, x), jac)
+    xg = x.clone().requires_grad_(True)  # differentiable through the blocks
+    (gradient,) = torch.autograd.grad(api.second_order("laplacian", f, xg).sum(), xg)
+    xr = x.clone().requires_grad_(True)
+    (expected_gradient,) = torch.autograd.grad(
+        second_order_reference("laplacian", loop_hessian(f, xr, create_graph=True), (3,)).sum(), xr)
+    assert_close(gradient, expected_gradient)

@@ -218,11 +218,22 @@ def second_order_by_adjoints(op: str, f: Callable[[Tensor], Tensor], x: Tensor, 
     operations of <adjoint of f_m at the op, its term>. Cheaper than carrying the second-order
     stacks through every later layer when there are fewer outputs than pairs of directions (a
     scalar's Hessian diagonal or Hessian). `chunk` input directions per interpretation."""
-    from .api import auto_chunk, forward, order_for, spans
+    from .api import spans, spans_of_work
 
     n = math.prod(x.shape[1:])
-    if chunk is None and op != "hessian":  # every nonlinear operation's input tangents live until the sweep
-        chunk = auto_chunk(f, x, 2)
+    stacks = (n + 3) / 2 if op == "hessian" else 3.0  # every nonlinear operation's input tangents live until the sweep
+    block, chunk = spans_of_work(f, x, op, chunk, stacks)
+    if block >= x.shape[0]:
+        return _by_adjoints(op, f, x, v, chunk)
+    return torch.cat([_by_adjoints(op, f, x[start:stop], v[start:stop] if v is not None else None, chunk)
+                      for start, stop in spans(x.shape[0], block)])
+
+
+def _by_adjoints(op: str, f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor | None, chunk: int | None) -> Tensor:
+    """second_order_by_adjoints on one block of samples."""
+    from .api import forward, order_for, spans
+
+    n = math.prod(x.shape[1:])
     in_shape = tuple(x.shape[1:])
     pieces: list[Tensor] = []
     y = None
