@@ -524,6 +524,9 @@ def test_blocks_of_samples_and_spans_of_directions_give_the_same_results(monkeyp
     expected = {op: second_order_reference(op, h, (3,), v) for op in SECOND}
     jac = loop_jacobian(f, x)
     api.derivatives(f, x, ("laplacian",))  # the engine learns f's widest value: later calls are split
+    for kind in ("jacobian", "laplacian", "hessian_diag", "hessian"):
+        block, chunk = api.spans_of_work(f, x, kind, None)
+        assert isinstance(block, int) and (chunk is None or isinstance(chunk, int) and chunk >= 1)
     monkeypatch.setattr(api, "BLOCK_BYTES", 1)
     monkeypatch.setattr(api, "SMALLEST_BLOCK", 4)  # blocks of 4 and 2 samples, one direction per span
     monkeypatch.setattr(api, "SPAN_BYTES", 1)

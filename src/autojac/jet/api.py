@@ -235,7 +235,7 @@ def spans_of_work(f: Callable[[Tensor], Tensor], x: Tensor, kind: str, chunk: in
     per_direction = widest * x.element_size() * (stacks or stacks_per_direction(kind, n))
     if kind == "jacobian":  # its result is large: spans of directions only, written in place
         if chunk is None:
-            chunk = max(1, SPAN_BYTES // max(batch * per_direction, 1))
+            chunk = max(1, int(SPAN_BYTES // max(batch * per_direction, 1)))
         return batch, chunk
     directions = n if chunk is None or kind == "hessian" else min(chunk, n)
     block = max(SMALLEST_BLOCK, int(BLOCK_BYTES // max(directions * per_direction, 1)))
