@@ -4,7 +4,8 @@ the value as f would compute it, and the Taylor coefficients carried beside it.
 
 f is interpreted afresh at every call: nothing about it is cached between calls, so parameters
 updated in place or reassigned, numbers read from globals, Python branches and rebound closure
-tensors are all seen as they are now. Traced tensors are known by identity: each value the
+tensors are all seen as they are now. (Within one call, the interpretations of several spans of
+directions on the same x share the values that do not depend on the directions: `Memo`.) Traced tensors are known by identity: each value the
 interpreter hands back to f is the key of its coefficients (held weakly, so that the coefficients
 go when f drops the value). A value changed in place behind the interpreter's back (through a view,
 or by an operation without a rule) is caught by its version counter.
@@ -21,14 +22,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
-
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from .maps import Linear, Map
 from .order import Order
-from .table import RULES, resolve
 from .stacks import Unsupported, add
+from .table import RULES, resolve
 
 
 class _Ref(weakref.ref):
