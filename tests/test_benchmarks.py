@@ -332,3 +332,27 @@ def test_a_run_stopped_midway_keeps_the_cases_it_measured(tmp_path, monkeypatch)
     monkeypatch.setattr(run, "measure_case", real)
     assert run.main([*FAST, "--ops", "jacobian", "--ops", "hessian", "--out", str(tmp_path), "--no-plot"]) == 0
     assert not list(tmp_path.glob("*.partial.json"))  # a finished run leaves its full files only
+
+
+def test_the_pinn_benchmark_times_the_engine_against_nested_autograd(tmp_path):
+    from benchmarks import pinn
+
+    assert pinn.chain_flops([512, 64, 64, 512]) == 2 * (512 * 64 * 64 + 512 * 64 * 512)
+    assert pinn.chain_flops([2, 100, 3]) == 2 * 2 * 100 * 3
+    from autojac.problem import Problem
+
+    get = registry.get
+    case = pinn.run_pinn_case("space_time", 2, 16, "laplacian", True, min_time=0.001)
+    assert set(case["seconds"]) == {"nested", "autojac", *pinn.ENGINE}
+    assert case["max_abs_difference"] < 1e-4 and case["engine_speedup"] > 0
+    torch.manual_seed(0)
+    for name, model in pinn.MODELS.items():  # every model's Laplacian: the engine's equals nested autograd
+        f, x = model(3), torch.rand(5, 3)
+        engine = get("jet_laplacian")(Problem("laplacian", f, x))
+        torch.testing.assert_close(engine, pinn.nested("laplacian", f, x, False).detach(), rtol=1e-3, atol=1e-3)
+    grid = pinn.run_grid_case(2, 3, 4, min_time=0.001)
+    assert grid["engine_speedup"] > 0 and "vmap(jacrev)" in grid["seconds"]
+    result = {"meta": {"date": "d", "machine": "m", "torch": "t", "threads": 1, "load_before": [], "load_after": []},
+              "pinn": [case], "grid": [grid], "overhead": pinn.interpretation_overhead(0.001)}
+    text = pinn.markdown(result)
+    assert "space_time" in text and "27-shape grid" in text and "per operation" in text
