@@ -75,7 +75,7 @@ def test_with_tuning_off_the_heuristic_chooses_and_nothing_is_timed(how, monkeyp
         result = autojac.jacobian(f, x, tune=False)
     assert_close(result, loop_jacobian(f, x))
     plan = autojac.explain(f, x, tune=False)
-    assert not plan.tuned and plan.timings == {} and plan.strategy == "sum_rev"  # n=5 > m=3: reverse first
+    assert not plan.tuned and plan.timings == {} and plan.strategy == "jet_jacobian_rev"  # n=5 > m=3: reverse first
     monkeypatch.delenv("AUTOJAC_TUNE", raising=False)
     assert autojac.explain(f, x).tuned  # tuning on again: the heuristic plan is replaced
 
