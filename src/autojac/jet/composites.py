@@ -119,16 +119,16 @@ def logsumexp(input: Tensor, dim: Any, keepdim: bool = False) -> Tensor:
 
 def _var_args(input: Tensor, *args: Any, **kwargs: Any) -> tuple[Any, float, bool]:
     """(dim, correction, keepdim) from any of var's signatures."""
-    args = list(args)
+    rest = list(args)
     dim, correction, keepdim = None, 1.0, False
-    if args and isinstance(args[0], bool):  # var(x, unbiased)
-        correction = 1.0 if args.pop(0) else 0.0
-    elif args:
-        dim = args.pop(0)
-        if args and isinstance(args[0], bool):  # var(x, dim, unbiased, keepdim)
-            correction = 1.0 if args.pop(0) else 0.0
-        if args:
-            keepdim = args.pop(0)
+    if rest and isinstance(rest[0], bool):  # var(x, unbiased)
+        correction = 1.0 if rest.pop(0) else 0.0
+    elif rest:
+        dim = rest.pop(0)
+        if rest and isinstance(rest[0], bool):  # var(x, dim, unbiased, keepdim)
+            correction = 1.0 if rest.pop(0) else 0.0
+        if rest:
+            keepdim = rest.pop(0)
     dim = kwargs.get("dim", kwargs.get("axis", dim))
     if "unbiased" in kwargs:
         correction = 1.0 if kwargs["unbiased"] else 0.0

@@ -35,6 +35,7 @@ class _Ref(weakref.ref):
     """A weak reference to a traced value that knows its key in the table (for its callback)."""
 
     __slots__ = ("key",)
+    key: int
 
 
 class Jet:
@@ -59,10 +60,10 @@ class Jet:
 
 
 Curvature = Callable[[Order], "Tensor | None"]
+Link = tuple[Jet, "Map | None"]  # an input's jet and the op's derivative map for it (None: no tape is kept)
 # The tape node of a value that depends on x other than through the value where forward and reverse
 # mode meet (reverse.meet_jacobian): whatever it feeds is marked too, and f's output must not be.
 BYPASS = -2
-Link = tuple[Jet, Map]
 
 
 class Memo:

@@ -54,6 +54,7 @@ class Order:
         if kind == "along":
             k = self.directions
             return t[:k] * t[k:]
+        assert self.pairs is not None
         a, b = self.pairs
         return t.index_select(0, a) * t.index_select(0, b)
 
@@ -68,6 +69,7 @@ class Order:
         if kind == "along":
             k = self.directions
             return bilinear(ta[:k], tb[k:]) + bilinear(ta[k:], tb[:k])
+        assert self.pairs is not None
         a, b = self.pairs
         ta_a, ta_b = ta.index_select(0, a), ta.index_select(0, b)
         tb_a, tb_b = tb.index_select(0, a), tb.index_select(0, b)
