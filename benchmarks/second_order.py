@@ -170,10 +170,10 @@ def report(rows: list[dict]) -> list[str]:
                 lines.append(f"{r['batch']:>4} {r['n']:>4} {r['m']:>2}  {ours * 1e3:9.3f} {r['plan']:<22} "
                              f"{fixed[best_name] * 1e3:9.3f} {best_name:<22} {ratios[-1]:9.2f} {fastest_ratios[-1]:9.2f} "
                              f"{base[0]} {base[1]}")
-                if op == "laplacian" and "forward_laplacian" in times:
-                    others = {k: times[k] / times["forward_laplacian"] for k in ("hvp_diag", "grad_grad_diag", "loop_diag",
+                if op == "laplacian" and "jet_laplacian" in times:
+                    others = {k: times[k] / times["jet_laplacian"] for k in ("hvp_diag", "grad_grad_diag", "loop_diag",
                                                                                  "fwd_fwd_diag") if k in times}
-                    lines.append("      forward_laplacian is " + ", ".join(
+                    lines.append("      jet_laplacian is " + ", ".join(
                         f"{ratio:.1f}x faster than {k}" for k, ratio in others.items()))
             lines.append(f"geometric mean of autojac / best fixed: {_geomean(ratios):.3f} by medians (worst "
                          f"{max(ratios):.2f}), {_geomean(fastest_ratios):.3f} by fastest calls, over {len(ratios)} shapes")

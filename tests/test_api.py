@@ -75,7 +75,7 @@ def test_with_tuning_off_the_heuristic_chooses_and_nothing_is_timed(how, monkeyp
         result = autojac.jacobian(f, x, tune=False)
     assert_close(result, loop_jacobian(f, x))
     plan = autojac.explain(f, x, tune=False)
-    assert not plan.tuned and plan.timings == {} and plan.strategy == "sum_rev"  # n=5 > m=3: reverse first
+    assert not plan.tuned and plan.timings == {} and plan.strategy == "jet_jacobian_rev"  # n=5 > m=3: reverse first
     monkeypatch.delenv("AUTOJAC_TUNE", raising=False)
     assert autojac.explain(f, x).tuned  # tuning on again: the heuristic plan is replaced
 
@@ -125,7 +125,8 @@ def test_a_named_strategy_is_used_as_is_and_checked():
     expected = loop_jacobian(f, x)
     for label in ["sum_rev", "sum_fwd[chunk=2]", "vmap_rev", "full_diag[chunk=1]", "loop_rev"]:
         assert_close(autojac.jacobian(f, x, strategy=label), expected)
-    with pytest.raises(ValueError, match="unknown strategy 'sum-rev' for jacobian; known: full_diag, loop_rev"):
+    with pytest.raises(ValueError, match="unknown strategy 'sum-rev' for jacobian; known: full_diag, jet_jacobian_fwd, "
+                                         "jet_jacobian_meet, jet_jacobian_rev, loop_rev"):
         autojac.jacobian(f, x, strategy="sum-rev")
     with pytest.raises(ValueError, match="bad chunk '0'"):
         autojac.jacobian(f, x, strategy="sum_rev[chunk=0]")

@@ -202,7 +202,7 @@ def test_second_order_script_times_every_candidate_and_reports(create_graph):
     times = row["times"]
     assert {"autojac", "vmap(hessian)", row["plan"]} <= set(times)
     assert all(t > 0 for t in times.values()) and row["tuning_seconds"] > 0
-    assert "forward_laplacian" in times  # the tanh MLP is one the forward Laplacian applies to
+    assert "jet_laplacian" in times  # the engine applies to the tanh MLP
     text = "\n".join(second_order.report([row]))
     assert "over 1 shapes" in text and row["plan"] in text
 
@@ -441,3 +441,27 @@ def test_a_run_without_out_writes_into_the_default_directory(tmp_path, monkeypat
     assert run.main([*FAST, "--ops", "jacobian", "--only", "tiny-mlp-3-8-2", "--no-plot"]) == 0
     assert _load(tmp_path / "default").settings.suites == ["tiny"]
     assert {path: path.stat().st_mtime_ns for path in run.RESULTS.rglob("*")} == before  # published: untouched
+
+
+def test_the_pinn_benchmark_times_the_engine_against_nested_autograd(tmp_path):
+    from benchmarks import pinn
+
+    assert pinn.chain_flops([512, 64, 64, 512]) == 2 * (512 * 64 * 64 + 512 * 64 * 512)
+    assert pinn.chain_flops([2, 100, 3]) == 2 * 2 * 100 * 3
+    from autojac.problem import Problem
+
+    get = registry.get
+    case = pinn.run_pinn_case("space_time", 2, 16, "laplacian", True, min_time=0.001)
+    assert set(case["seconds"]) == {"nested", "autojac", *pinn.ENGINE}
+    assert case["max_abs_difference"] < 1e-4 and case["engine_speedup"] > 0
+    torch.manual_seed(0)
+    for name, model in pinn.MODELS.items():  # every model's Laplacian: the engine's equals nested autograd
+        f, x = model(3), torch.rand(5, 3)
+        engine = get("jet_laplacian")(Problem("laplacian", f, x))
+        torch.testing.assert_close(engine, pinn.nested("laplacian", f, x, False).detach(), rtol=1e-3, atol=1e-3)
+    grid = pinn.run_grid_case(2, 3, 4, min_time=0.001)
+    assert grid["engine_speedup"] > 0 and "vmap(jacrev)" in grid["seconds"]
+    result = {"meta": {"date": "d", "machine": "m", "torch": "t", "threads": 1, "load_before": [], "load_after": []},
+              "pinn": [case], "grid": [grid], "overhead": pinn.interpretation_overhead(0.001)}
+    text = pinn.markdown(result)
+    assert "space_time" in text and "27-shape grid" in text and "per operation" in text

@@ -145,7 +145,8 @@ def test_candidates_without_vmap_drop_the_vmap_strategies():
     pool, excluded = candidates("jacobian", sizes, _probes(vmap_ok=False, vmap_error="boom"),
                                 create_graph=False, budget=None)
     names = {c.strategy.name for c in pool}
-    assert names == {"sum_rev", "sum_grad", "sum_fwd", "loop_rev"}
+    assert names == {"sum_rev", "sum_grad", "sum_fwd", "loop_rev", "jet_jacobian_fwd", "jet_jacobian_rev",
+                     "jet_jacobian_meet"}
     assert "vmap" in excluded["vmap_rev"] and "boom" in excluded["vmap_rev"]
 
 
@@ -159,9 +160,10 @@ def test_the_memory_budget_leaves_out_what_does_not_fit_but_keeps_chunks_that_do
 
 def test_heuristic_table_prefers_one_backward_pass_for_scalar_outputs_and_forward_mode_for_few_inputs():
     assert heuristic_order("jacobian", Sizes(32, 64, 1, 4, 0))[0] == "loop_rev"
-    assert heuristic_order("jacobian", Sizes(32, 2, 64, 4, 0))[0] == "sum_fwd"
-    assert heuristic_order("jacobian", Sizes(32, 64, 2, 4, 0))[0] == "sum_rev"
-    assert heuristic_order("jacobian", Sizes(512, 512, 512, 4, 0))[0] == "vmap_rev"  # many rows: per sample
+    assert heuristic_order("jacobian", Sizes(32, 2, 64, 4, 0))[:3] == ["jet_jacobian_fwd", "jet_jacobian_meet", "sum_fwd"]
+    assert heuristic_order("jacobian", Sizes(32, 64, 2, 4, 0))[:2] == ["jet_jacobian_rev", "sum_rev"]
+    many_rows = heuristic_order("jacobian", Sizes(512, 512, 512, 4, 0))  # per sample before over the batch
+    assert many_rows.index("vmap_rev") < many_rows.index("sum_rev")
 
 
 def test_a_warm_up_that_spends_the_budget_is_not_repeated_and_nothing_else_starts():

@@ -10,12 +10,14 @@ from torch import nn
 from autojac.problem import Problem, Sizes
 from autojac.strategies import for_op, get
 from autojac.strategies.curvature import result_bytes
-from autojac.strategies.forward_laplacian import ACTIVATIONS
 
 from helpers import MatrixOut, assert_close, centered, chunks_to_try, coupled_hessian, loop_hessian, mlp, \
     second_order_reference
 
 OPS = ("hessian", "hvp", "hessian_diag", "laplacian")
+ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Softplus, nn.GELU, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Identity, nn.Mish,
+               nn.SELU, nn.CELU, nn.Hardtanh, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Hardswish, nn.ReLU6)
+ENGINE = {"hessian": "jet_hessian", "hvp": "jet_hvp", "hessian_diag": "jet_laplacian", "laplacian": "jet_laplacian"}
 STRATEGIES = [(op, s) for op in OPS for s in for_op(op)]
 
 
@@ -54,9 +56,7 @@ def _case(name: str, dtype: torch.dtype):
 def test_strategy_matches_the_reference(op, strategy, case, dtype):
     f, x, v, hessian = _case(case, dtype)
     problem = Problem(op, f, x, v if op == "hvp" else None)
-    if strategy.applies is not None and strategy.applies(problem):
-        assert not isinstance(f, nn.Sequential) or case == "matrix_in"
-        return
+    assert strategy.applies is None or strategy.applies(problem) == ""  # the engine follows every case
     expected = second_order_reference(op, hessian, problem.in_shape, v)
     out_numel = int(torch.Size(hessian.shape[1: hessian.dim() - 2 * len(problem.in_shape)]).numel())
     for chunk in chunks_to_try(strategy, problem.batch, problem.n, out_numel):
@@ -93,7 +93,7 @@ def test_the_coupled_strategies_are_exact_for_a_batch_coupled_function(op):
     *(cls() for cls in ACTIVATIONS), nn.GELU(approximate="tanh"), nn.Softplus(beta=2.0, threshold=1.0),
     nn.LeakyReLU(0.3), nn.ELU(alpha=0.7),
 ], ids=lambda m: repr(m))
-def test_forward_strategies_know_each_activations_derivatives(activation):
+def test_the_engine_knows_each_activations_derivatives(activation):
     torch.manual_seed(0)
     f = nn.Sequential(nn.Linear(3, 5), activation, nn.Sequential(nn.Linear(5, 5), activation), nn.Linear(5, 2))
     _check_forward_strategies(f.double())
@@ -103,8 +103,10 @@ def _check_forward_strategies(f: nn.Module) -> None:
     x, v = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
     hessian = loop_hessian(f, x)
     for op in OPS:
-        strategy = get({"hessian": "forward_hessian", "hvp": "forward_hvp"}.get(op, "forward_laplacian"), op)
-        result = strategy(Problem(op, f, x, v if op == "hvp" else None))
+        strategy = get(ENGINE[op], op)
+        problem = Problem(op, f, x, v if op == "hvp" else None)
+        assert strategy.applies(problem) == ""
+        result = strategy(problem)
         assert_close(result, second_order_reference(op, hessian, (3,), v))
 
 
@@ -116,7 +118,7 @@ def _check_forward_strategies(f: nn.Module) -> None:
     lambda: nn.Sequential(nn.Linear(3, 4), nn.SiLU(inplace=True), nn.Linear(4, 4), nn.ELU(inplace=True),
                           nn.Linear(4, 2), nn.LeakyReLU(0.5, inplace=True)),  # in-place activations
 ], ids=["activation_first", "activation_only", "two_activations", "shared_modules", "in_place"])
-def test_forward_strategies_handle_any_order_of_layers(factory):
+def test_the_engine_handles_any_order_of_layers(factory):
     _check_forward_strategies(factory().double())
 
 
@@ -126,23 +128,43 @@ def _reusing(activation: nn.Module, hidden: nn.Linear) -> nn.Sequential:
 
 
 @pytest.mark.parametrize("f, reason", [
-    (lambda: mlp(3, 2).train().append(nn.Dropout(0.1)), "holds a Dropout"),
-    (lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), "holds a LayerNorm"),
-    (lambda: (lambda x: x.sin().sum(-1)), "f is a function, not an nn.Sequential"),
-    (lambda: MatrixOut(), "f is a MatrixOut"),
+    (lambda: mlp(3, 2).train().append(nn.Dropout(0.1)), "dropout in training mode"),
+    (lambda: (lambda x: torch.cumprod(x, 1)), "no rule for torch.cumprod"),
+    (lambda: (lambda x: x.sin().cummax(1).values), "no rule for torch.Tensor.cummax"),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), "batch_norm in training mode"),
 ])
-def test_forward_strategies_say_why_they_do_not_apply(f, reason):
+def test_the_engine_says_why_it_does_not_apply(f, reason):
     problem = Problem("laplacian", f(), torch.randn(2, 3))
-    assert reason in get("forward_laplacian").applies(problem)
+    for name in ("jet_laplacian", "jet_hessian", "jet_hvp", "jet_jacobian_fwd", "jet_jacobian_rev", "jet_jacobian_meet"):
+        assert reason in get(name).applies(problem), name
 
 
-def test_forward_strategies_do_not_apply_to_hooked_models_or_other_input_ranks():
-    model = mlp(3, 2)
-    assert get("forward_laplacian").applies(Problem("laplacian", model, torch.randn(2, 3))) == ""
-    assert "(B, n)" in get("forward_laplacian").applies(Problem("laplacian", model, torch.randn(2, 4, 3)))
+@pytest.mark.parametrize("f", [
+    lambda: mlp(3, 2),
+    lambda: (lambda x: mlp(3, 2)(x).sin().sum(-1)),
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 1)),
+    lambda: MatrixOut(),
+], ids=["sequential", "function", "layer_norm", "matrix_out"])
+def test_the_engine_applies_to_modules_functions_and_normalizations(f):
+    x = torch.randn(2, 6 if f().__class__ is MatrixOut else 3)
+    assert get("jet_laplacian").applies(Problem("laplacian", f(), x)) == ""
+
+
+def test_the_engine_follows_hooks_and_inputs_of_any_rank():
+    model = mlp(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
     handle = model[1].register_forward_hook(lambda module, args, out: out * 2)
-    assert "forward hooks" in get("forward_hessian").applies(Problem("hessian", model, torch.randn(2, 3)))
-    handle.remove()
+    try:
+        problem = Problem("hessian", model, x)
+        assert get("jet_hessian").applies(problem) == ""
+        assert_close(get("jet_hessian")(problem), loop_hessian(model, x))
+    finally:
+        handle.remove()
+    matrix = lambda z: torch.tanh(z @ z.mT).flatten(1)  # noqa: E731  (x of shape (B, 2, 3))
+    z = torch.randn(4, 2, 3, dtype=torch.float64)
+    problem = Problem("hessian_diag", matrix, z)
+    assert get("jet_laplacian").applies(problem) == ""
+    assert_close(get("jet_laplacian")(problem), second_order_reference("hessian_diag", loop_hessian(matrix, z), (2, 3)))
 
 
 @pytest.mark.parametrize("name, op", [("full_hessian", "hessian"), ("full_hvp", "hvp")])

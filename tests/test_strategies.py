@@ -78,7 +78,8 @@ def test_every_strategy_declares_known_needs_and_a_memory_estimate():
 def test_registry_refuses_duplicates_and_lists_known_names():
     with pytest.raises(ValueError, match="already registered"):
         register(get("sum_rev"))
-    with pytest.raises(ValueError, match=r"unknown strategy 'sum-rev' for jacobian; known: full_diag, loop_rev"):
+    with pytest.raises(ValueError, match=r"unknown strategy 'sum-rev' for jacobian; known: full_diag, jet_jacobian_fwd, jet_jacobian_meet, "
+                                         r"jet_jacobian_rev, loop_rev"):
         get("sum-rev", "jacobian")
     with pytest.raises(ValueError, match="needs unknown"):
         Strategy(name="x", ops=frozenset({"jacobian"}), run=None, memory=None, needs=frozenset({"magic"}))

@@ -1,8 +1,8 @@
 """Per-sample Hessian diagonals (B, *out, *in) and Laplacians (B, *out), their sums.
 
 Each strategy computes the diagonal d[b, k, i] = d^2 f(x)[b, k] / d x[b, i]^2, `chunk` input
-coordinates per vectorized pass, and a Laplacian sums it over i. The forward Laplacian, which
-serves both for the models it recognizes, lives in forward_laplacian.py.
+coordinates per vectorized pass, and a Laplacian sums it over i. The engine's forward Laplacian
+(jet_laplacian, in jet.py), which serves both for every f it has rules for, comes first.
 Sizes: B samples, n input and m output elements per sample.
 """
 
@@ -131,19 +131,30 @@ register(Strategy(
 ))
 
 
-def _heuristic(s: Sizes) -> list[str]:
-    # Measured on CPU (benchmarks/second_order.py, tanh MLP): the forward Laplacian wins
-    # wherever it applies (2x to 100x). For other f: double backward for scalar outputs (looped
+def _order(s: Sizes) -> list[str]:
+    # Measured on CPU (benchmarks/second_order.py, tanh MLP; benchmarks/pinn.py): the engine wins
+    # wherever it applies (1.2x to 100x). For other f: double backward for scalar outputs (looped
     # rather than vectorized for wide inputs kept differentiable), nested forward mode for vector
     # outputs (its cost does not grow with m).
     if s.m > 1:
-        order = ["fwd_fwd_diag", "vmap_hessian_diag", "hvp_diag", "grad_grad_diag", "loop_diag"]
-    elif s.create_graph and s.n > 16:
-        order = ["loop_diag", "vmap_hessian_diag", "hvp_diag", "grad_grad_diag", "fwd_fwd_diag"]
-    else:
-        order = ["grad_grad_diag", "loop_diag", "vmap_hessian_diag", "hvp_diag", "fwd_fwd_diag"]
-    return ["forward_laplacian", *order]
+        return ["fwd_fwd_diag", "vmap_hessian_diag", "hvp_diag", "grad_grad_diag", "loop_diag"]
+    if s.create_graph and s.n > 16:
+        return ["loop_diag", "vmap_hessian_diag", "hvp_diag", "grad_grad_diag", "fwd_fwd_diag"]
+    return ["grad_grad_diag", "loop_diag", "vmap_hessian_diag", "hvp_diag", "fwd_fwd_diag"]
 
 
-set_heuristic("hessian_diag", _heuristic)
-set_heuristic("laplacian", _heuristic)
+def _laplacian(s: Sizes) -> list[str]:
+    # The forward Laplacian carries one second-order stack whatever n: always first.
+    return ["jet_laplacian", "jet_fwd_rev", *_order(s)]
+
+
+def _hessian_diag(s: Sizes) -> list[str]:
+    # Per direction, the forward pass carries a second-order stack through every later layer; the
+    # adjoint form weights each operation's own term once, per output element: first when the
+    # outputs are fewer than the inputs (B=4096, n=10 to 50, m=1: 1.2-1.4x faster).
+    engine = ["jet_fwd_rev", "jet_laplacian"] if s.m < s.n else ["jet_laplacian", "jet_fwd_rev"]
+    return [*engine, *_order(s)]
+
+
+set_heuristic("hessian_diag", _hessian_diag)
+set_heuristic("laplacian", _laplacian)

@@ -142,7 +142,7 @@ register(Strategy(
 
 
 def _heuristic(s: Sizes) -> list[str]:
-    # Measured on CPU (benchmarks/second_order.py, tanh MLP): the forward Hessian (n^2 carried
+    # Measured on CPU (benchmarks/second_order.py, tanh MLP): the engine's Hessian (n^2 carried
     # per unit) wins when n <= 4 m; otherwise double backward vectorized over the input basis,
     # unless the result must stay differentiable: differentiating its vmapped backward again is
     # 3-5x slower at n = 128, where vmap over samples (m = 1) or forward over reverse wins.
@@ -152,7 +152,10 @@ def _heuristic(s: Sizes) -> list[str]:
     else:
         order = (["sum_grad_grad", "loop_grad_grad", "vmap_rev_rev", "vmap_fwd_rev", "sum_fwd_rev"] if s.m == 1
                  else ["sum_grad_grad", "sum_fwd_rev", "vmap_fwd_rev", "loop_grad_grad", "vmap_rev_rev"])
-    return ["forward_hessian", *order] if s.n <= 4 * s.m else [*order, "forward_hessian"]
+    # The engine's adjoint form carries n tangents and sweeps back once per output element; its
+    # forward form carries n (n + 1) / 2 second-order stacks: the former first for few outputs.
+    engine = ["jet_fwd_rev", "jet_hessian"] if s.m <= 4 else ["jet_hessian", "jet_fwd_rev"]
+    return [*engine, *order] if s.n <= 4 * s.m or s.m <= 4 and s.n <= 64 else [*order, *engine]
 
 
 set_heuristic("hessian", _heuristic)

@@ -116,7 +116,7 @@ def _heuristic(s: Sizes) -> list[str]:
     order = ["hvp_rev_rev", "hvp_rev_fwd", "hvp_fwd_rev"]
     if s.create_graph and s.m > 1:
         order = ["hvp_rev_fwd", "hvp_rev_rev", "hvp_fwd_rev"]
-    return ["forward_hvp", *order] if s.n <= 4 * s.m else [*order, "forward_hvp"]
+    return ["jet_hvp", "jet_fwd_rev", *order] if s.n <= 4 * s.m else [*order, "jet_hvp", "jet_fwd_rev"]
 
 
 set_heuristic("hvp", _heuristic)

@@ -144,18 +144,24 @@ PER_SAMPLE_ROWS = 16384
 
 
 def _heuristic(s: Sizes) -> list[str]:
-    # Measured on CPU (the 27-shape grid of docs/design.md, benchmarks/results): one backward pass wins for scalar
-    # outputs, forward mode when there are fewer inputs than outputs, reverse mode otherwise:
-    # over the batch-summed output while the B * m rows are few, per sample (vmap_rev) when they
-    # are many (B=512, m=512: 1.7x faster than sum_rev; below 16384 rows sum_rev leads by 2-6%).
-    # The order matters most for large problems, where one call can spend the tuning budget.
+    # Measured on CPU (docs/design.md's grid, benchmarks/results; benchmarks/pinn.py for the engine): one
+    # backward pass wins for scalar outputs (loop_rev, level with the engine's reverse mode); the
+    # engine's forward mode when there are fewer inputs than outputs (its first layer's tangents are
+    # the weight itself: 3-200x over vmap(jacrev)); otherwise its reverse mode, or meeting in the
+    # middle, ahead of reverse mode over the batch-summed output (rows few) or per sample (rows
+    # many: B=512, m=512: vmap_rev 1.7x faster than sum_rev). The order matters most for large
+    # problems, where one call can spend the tuning budget.
     if s.m == 1:
-        return ["loop_rev", "sum_grad", "sum_rev", "sum_fwd", "vmap_rev", "vmap_fwd"]
+        return ["loop_rev", "jet_jacobian_rev", "sum_grad", "sum_rev", "jet_jacobian_fwd", "sum_fwd", "vmap_rev",
+                "vmap_fwd", "jet_jacobian_meet"]
     if s.n < s.m:
-        return ["sum_fwd", "sum_rev", "sum_grad", "vmap_fwd", "vmap_rev", "loop_rev"]
+        return ["jet_jacobian_fwd", "jet_jacobian_meet", "sum_fwd", "sum_rev", "sum_grad", "jet_jacobian_rev",
+                "vmap_fwd", "vmap_rev", "loop_rev"]
     if s.batch * s.m >= PER_SAMPLE_ROWS:
-        return ["vmap_rev", "sum_rev", "sum_grad", "loop_rev", "sum_fwd", "vmap_fwd"]
-    return ["sum_rev", "sum_grad", "sum_fwd", "vmap_rev", "vmap_fwd", "loop_rev"]
+        return ["jet_jacobian_rev", "jet_jacobian_meet", "vmap_rev", "sum_rev", "sum_grad", "loop_rev",
+                "jet_jacobian_fwd", "sum_fwd", "vmap_fwd"]
+    return ["jet_jacobian_rev", "sum_rev", "sum_grad", "jet_jacobian_meet", "jet_jacobian_fwd", "sum_fwd",
+            "vmap_rev", "vmap_fwd", "loop_rev"]
 
 
 set_heuristic("jacobian", _heuristic)

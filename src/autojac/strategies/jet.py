@@ -1,0 +1,149 @@
+"""Strategies of the structure-aware engine (autojac.jet): f interpreted operation by operation,
+Taylor coefficients carried beside each value by one rule per primitive.
+
+They apply to any batch-independent f whose operations all have rules (modules, wrapped modules,
+functions, lambdas; normalizations, attention, residual blocks...); the plan names the first
+operation without one. The verdict is taken once per f and input shape on two samples; if a later
+call of f takes a path with an operation the engine cannot follow (a Python branch), that call is
+computed by a generic strategy instead, so a result is never wrong for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from torch import Tensor
+
+from ..jet import api, reverse
+from ..jet.stacks import Unsupported
+from ..problem import Problem, Sizes
+from .curvature import OPS_DIAGONAL
+from .registry import BATCH_INDEPENDENT, Strategy, get, register
+
+log = logging.getLogger("autojac")
+
+# What a call computes instead when f takes a path the engine cannot follow (plain autograd, no vmap).
+FALLBACK = {"jacobian": "sum_grad", "hessian": "sum_grad_grad", "hvp": "hvp_rev_rev",
+            "hessian_diag": "grad_grad_diag", "laplacian": "grad_grad_diag"}
+
+
+def _applies(p: Problem) -> str:
+    return api.check(p.f, p.x)
+
+
+def _guarded(compute: Callable[[Problem, int | None], Tensor]) -> Callable[[Problem, int | None], Tensor]:
+    def run(p: Problem, chunk: int | None) -> Tensor:
+        try:
+            return compute(p, chunk)
+        except Unsupported as error:
+            log.debug("the engine cannot follow this call of f (%s); %s computes it", error, FALLBACK[p.op])
+            return get(FALLBACK[p.op]).run(p, None)
+    return run
+
+
+def _second_order(p: Problem, chunk: int | None) -> Tensor:
+    return api.second_order(p.op, p.f, p.x, p.v, chunk)
+
+
+def _by_adjoints(p: Problem, chunk: int | None) -> Tensor:
+    return reverse.second_order_by_adjoints(p.op, p.f, p.x, p.v, chunk)
+
+
+def _jacobian(p: Problem, chunk: int | None) -> Tensor:
+    return api.jacobian(p.f, p.x, chunk)
+
+
+def _reverse_jacobian(p: Problem, chunk: int | None) -> Tensor:
+    return reverse.reverse_jacobian(p.f, p.x, chunk)
+
+
+def _meet_applies(p: Problem) -> str:
+    why = _applies(p)
+    if why:
+        return why
+    structure = api.profile(p.f, p.x).structure(p.f, p.x)
+    if isinstance(structure, str):
+        return structure
+    if not structure.cuts:
+        return "f has no layer that every path from x to its output goes through (as a chain's layers are)"
+    return ""
+
+
+def _meet_jacobian(p: Problem, chunk: int | None) -> Tensor:
+    structure = api.profile(p.f, p.x).structure(p.f, p.x)
+    if isinstance(structure, str) or not structure.cuts:
+        raise Unsupported("f has no cut")
+    out_numel = structure.out_numel
+    cut, _, _, _ = structure.best(p.n, out_numel)
+    assert cut is not None
+    return reverse.meet_jacobian(p.f, p.x, cut, chunk)
+
+
+def _memory(carried: Callable[[int], int], result: Callable[[Sizes], int]) -> Callable[[Sizes, int | None], int]:
+    """Every traced value carries `carried(c)` stacks of its size for c directions beside itself; the
+    result is kept twice (pieces and whole)."""
+    def estimate(s: Sizes, chunk: int | None) -> int:
+        c = min(chunk or s.n, s.n)
+        return s.activations * (2 + carried(c)) + 2 * result(s)
+    return estimate
+
+
+def _in_basis(s: Sizes) -> int:
+    return s.n
+
+
+def _out_basis(s: Sizes) -> int:
+    return s.m
+
+
+register(Strategy(
+    name="jet_laplacian", ops=OPS_DIAGONAL, run=_guarded(_second_order),
+    memory=_memory(lambda c: 2 * c, lambda s: s.tensor(s.batch, s.m, s.n)), basis=_in_basis,
+    applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
+    summary="the engine: value, tangents of the input directions and their second derivatives (summed for the "
+            "Laplacian) carried through f's operations in one forward pass",
+))
+register(Strategy(
+    name="jet_hessian", ops=frozenset({"hessian"}), run=_guarded(_second_order),
+    memory=_memory(lambda c: c + c * c, lambda s: s.tensor(s.batch, s.m, s.n, s.n)), basis=_in_basis,
+    applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
+    summary="the engine: value, tangents and second derivatives of every pair of input directions (i <= j) "
+            "carried through f's operations in one forward pass",
+))
+register(Strategy(
+    name="jet_hvp", ops=frozenset({"hvp"}), run=_guarded(_second_order),
+    memory=_memory(lambda c: 2 * c + 1, lambda s: s.tensor(s.batch, s.m, s.n)), basis=_in_basis,
+    applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
+    summary="the engine: value, tangents of the input directions and of v, and the second derivatives along "
+            "(e_i, v), carried through f's operations in one forward pass",
+))
+register(Strategy(
+    name="jet_fwd_rev", ops=OPS_DIAGONAL | {"hessian", "hvp"}, run=_guarded(_by_adjoints),
+    memory=_memory(lambda c: 3 * c, lambda s: s.tensor(s.batch, s.m, s.n, s.n)), basis=_in_basis,
+    applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
+    summary="the engine: tangents of the input directions carried forward, each operation's own second-order "
+            "term kept, then one reverse sweep per output element weighting them by its adjoint (no "
+            "second-order stacks: cheaper for few outputs)",
+))
+register(Strategy(
+    name="jet_jacobian_fwd", ops=frozenset({"jacobian"}), run=_guarded(_jacobian),
+    memory=_memory(lambda c: c, lambda s: s.tensor(s.batch, s.m, s.n)), basis=_in_basis,
+    applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
+    summary="the engine in forward mode: the input directions carried through f's operations, every linear "
+            "layer one matrix product over samples x directions",
+))
+register(Strategy(
+    name="jet_jacobian_rev", ops=frozenset({"jacobian"}), run=_guarded(_reverse_jacobian),
+    memory=_memory(lambda c: 1, lambda s: s.tensor(s.batch, s.m, s.n) * 2), basis=_out_basis,
+    applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
+    summary="the engine in reverse mode: f interpreted once, then the output directions carried back through "
+            "each operation's transposed derivative (the last layer's adjoint is its weight)",
+))
+register(Strategy(
+    name="jet_jacobian_meet", ops=frozenset({"jacobian"}), run=_guarded(_meet_jacobian),
+    memory=_memory(lambda c: c, lambda s: s.tensor(s.batch, s.m, s.n) * 2), basis=_out_basis,
+    applies=_meet_applies, needs=frozenset({BATCH_INDEPENDENT}),
+    summary="the engine meeting in the middle: input directions forward to the cut of f that costs least "
+            "(a narrow layer of a chain), output directions back to it, one batched product per sample",
+))
