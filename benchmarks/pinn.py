@@ -12,7 +12,7 @@
 2. Jacobians: the FLOP/s of the engine on a 512 -> 64 -> 64 -> 512 tanh MLP at B=512 (only the
    FLOPs of the cheapest order of the chain W3 D2 W2 D1 W1 counted), against this machine's f32
    matmul FLOP/s measured in the same run; and the engine and autojac against vmap(jacrev) on
-   DESIGN.md's 27 shapes (B in {1, 32, 512}, in in {2, 64, 512}, out in {1, 64, 512}, two hidden
+   docs/design.md's 27 shapes (B in {1, 32, 512}, in in {2, 64, 512}, out in {1, 64, 512}, two hidden
    layers of 64).
 
 Every contender of a case is timed side by side, interleaved (autojac.timing.compare), and the

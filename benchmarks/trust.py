@@ -1540,9 +1540,15 @@ def _coupled_f():
     return f, torch.randn(4, 3)
 
 
-_entry_case("forward_laplacian-for-a-function",
-            "a cache entry naming forward_laplacian for an f that is not an nn.Sequential: right answer, an "
-            "AutojacWarning, a new plan", _function_f, {"strategy": "forward_laplacian", "chunk": None},
+def _unfollowable_f():
+    seeded()
+    net = mlp(3, 1, width=8)
+    return (lambda x: torch.cumprod(net(x).repeat(1, 2), 1)[:, -1:]), torch.randn(4, 3)  # no engine rule
+
+
+_entry_case("engine-strategy-for-an-f-it-cannot-follow",
+            "a cache entry naming jet_laplacian for an f with an operation the engine has no rule for (cumprod): "
+            "right answer, an AutojacWarning, a new plan", _unfollowable_f, {"strategy": "jet_laplacian", "chunk": None},
             op="laplacian")
 _entry_case("vmap-strategy-for-vmap-failing-f",
             "a cache entry naming vmap_rev (vmap_ok true) for an f that cannot run under vmap: right answer, a "

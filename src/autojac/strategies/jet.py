@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from ..jet import api, reverse
@@ -38,7 +39,8 @@ def _guarded(compute: Callable[[Problem, int | None], Tensor]) -> Callable[[Prob
             return compute(p, chunk)
         except Unsupported as error:
             log.debug("the engine cannot follow this call of f (%s); %s computes it", error, FALLBACK[p.op])
-            return get(FALLBACK[p.op]).run(p, None)
+            with torch.enable_grad():  # plain autograd, whatever mode the engine ran in
+                return get(FALLBACK[p.op]).run(p, None)
     return run
 
 
