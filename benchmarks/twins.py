@@ -574,10 +574,12 @@ def _derivatives(layer: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
     return d1, d1 * (1 - 2 * a)
 
 
-@twin("forward_laplacian", "hessian_diag", "laplacian")
-@twin("forward_hessian", "hessian")
-@twin("forward_hvp", "hvp")
+@twin("jet_laplacian", "hessian_diag", "laplacian")
+@twin("jet_hessian", "hessian")
+@twin("jet_hvp", "hvp")
 def _forward(s: Spec) -> Run:
+    # The engine's forward Taylor mode written by hand for an nn.Sequential of Linear and Tanh or
+    # Sigmoid (the forward Laplacian of Li et al.): what the engine computes for such a model.
     # Carries h (B, d), J = dh/dx ((n, d) while shared by every sample, then (B, n, d)) and the
     # second-order term S of the operation, under no_grad: an inference-time forward pass.
     layers, x, op = _layers(s), s.x, s.op

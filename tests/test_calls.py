@@ -241,7 +241,7 @@ def test_bad_dims_are_refused(dims, message):
 
 # -- derivatives ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy", ["auto", "nested_derivatives", "vmap_derivatives"])
+@pytest.mark.parametrize("strategy", ["auto", "nested_derivatives", "vmap_derivatives", "jet_derivatives"])
 @pytest.mark.parametrize("ops", [("value", "jacobian", "laplacian"), ("jacobian", "hessian_diag"), ("hessian",),
                                  ("value",), ("laplacian", "hessian", "value")])
 def test_derivatives_match_the_separate_references(ops, strategy):
@@ -260,10 +260,11 @@ def test_derivatives_match_the_separate_references(ops, strategy):
             assert got is None
 
 
-def test_derivatives_with_create_graph_train_like_the_reference():
+@pytest.mark.parametrize("strategy", ["auto", "nested_derivatives", "jet_derivatives"])
+def test_derivatives_with_create_graph_train_like_the_reference(strategy):
     net = mlp(2, 1, width=8)
     x = torch.rand(8, 2)
-    found = autojac.derivatives(net, x, ops=("value", "laplacian"), create_graph=True)
+    found = autojac.derivatives(net, x, ops=("value", "laplacian"), create_graph=True, strategy=strategy)
     (found.laplacian - found.value).square().mean().backward()
     got = grads(net)
     lap = loop_hessian(net, x, create_graph=True).diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -290,7 +291,7 @@ def field():
     return nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
 
 
-@pytest.mark.parametrize("strategy", ["auto", "div_rows", "div_loop", "div_fwd"])
+@pytest.mark.parametrize("strategy", ["auto", "div_rows", "div_loop", "div_fwd", "jet_divergence"])
 def test_divergence_is_the_trace_of_each_jacobian(strategy):
     f, x = field(), torch.randn(6, 3, dtype=torch.float64)
     expected = loop_jacobian(f, x).diagonal(dim1=1, dim2=2).sum(-1)

@@ -117,7 +117,7 @@ register(Strategy(
 
 
 def _heuristic(s: Sizes) -> list[str]:
-    return ["nested_derivatives", "vmap_derivatives"]
+    return ["jet_derivatives", "nested_derivatives", "vmap_derivatives"]
 
 
 set_heuristic("derivatives", _heuristic)

@@ -139,7 +139,7 @@ register(Strategy(
 
 def _heuristic(s: Sizes) -> list[str]:
     # Every exact strategy makes n passes; plain autograd has the least overhead per pass.
-    return ["div_rows", "div_fwd", "div_loop"]
+    return ["jet_divergence", "div_rows", "div_fwd", "div_loop"]
 
 
 set_heuristic("divergence", _heuristic)

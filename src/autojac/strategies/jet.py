@@ -19,14 +19,15 @@ from torch import Tensor
 from ..jet import api, reverse
 from ..jet.stacks import Unsupported
 from ..problem import Problem, Sizes
-from .curvature import OPS_DIAGONAL
+from .curvature import OPS_DIAGONAL, diagonal_of
 from .registry import BATCH_INDEPENDENT, Strategy, get, register
 
 log = logging.getLogger("autojac")
 
 # What a call computes instead when f takes a path the engine cannot follow (plain autograd, no vmap).
 FALLBACK = {"jacobian": "sum_grad", "hessian": "sum_grad_grad", "hvp": "hvp_rev_rev",
-            "hessian_diag": "grad_grad_diag", "laplacian": "grad_grad_diag"}
+            "hessian_diag": "grad_grad_diag", "laplacian": "grad_grad_diag", "divergence": "div_rows",
+            "derivatives": "nested_derivatives"}
 
 
 def _applies(p: Problem) -> str:
@@ -148,4 +149,40 @@ register(Strategy(
     applies=_meet_applies, needs=frozenset({BATCH_INDEPENDENT}),
     summary="the engine meeting in the middle: input directions forward to the cut of f that costs least "
             "(a narrow layer of a chain), output directions back to it, one batched product per sample",
+))
+
+
+def _derivatives(p: Problem, chunk: int | None) -> tuple[Tensor, ...]:
+    # One pass for the set: the value and the Jacobian come with the engine's carry anyway; the
+    # second-order quantity carried is the largest asked (the Hessian gives its diagonal, the
+    # diagonal its sum).
+    asked = set(p.want)
+    kind = next((q for q in ("hessian", "hessian_diag", "laplacian") if q in asked), None)
+    ops = [q for q in ("value", "jacobian") if q in asked] + ([kind] if kind else [])
+    found = api.derivatives(p.f, p.x, ops, chunk=None if kind == "hessian" else chunk)
+    if kind == "hessian" and asked & {"hessian_diag", "laplacian"}:
+        found["hessian_diag"] = diagonal_of(found["hessian"], p.in_shape)
+    if "laplacian" in asked and "laplacian" not in found:
+        diag = found["hessian_diag"]
+        found["laplacian"] = diag.reshape(*diag.shape[: diag.dim() - len(p.in_shape)], -1).sum(-1)
+    return tuple(found[q] for q in p.want)
+
+
+def _divergence(p: Problem, chunk: int | None) -> Tensor:
+    return api.divergence(p.f, p.x, chunk)
+
+
+register(Strategy(
+    name="jet_derivatives", ops=frozenset({"derivatives"}), run=_guarded(_derivatives),  # type: ignore[arg-type]
+    memory=_memory(lambda c: 2 * c, lambda s: s.tensor(s.batch, s.m, s.n, s.n)), basis=_in_basis,
+    applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
+    summary="the engine: the value, the Jacobian and the second-order quantity asked for, carried through f's "
+            "operations in one forward pass",
+))
+register(Strategy(
+    name="jet_divergence", ops=frozenset({"divergence"}), run=_guarded(_divergence),
+    memory=_memory(lambda c: c, lambda s: s.tensor(s.batch)), basis=_in_basis,
+    applies=_applies, needs=frozenset({BATCH_INDEPENDENT}),
+    summary="the engine in forward mode, keeping each direction's own output entry (only the diagonal of a "
+            "last linear layer's product is formed)",
 ))
