@@ -133,8 +133,11 @@ def warm(pairs: int) -> dict[str, object]:
         os.environ["AUTOJAC_CACHE_DIR"] = directory
         set_default_planner(Planner(cache.default_store()))
         plan = autojac.explain(f, x)
-        noop = temporary.add(Strategy(name="bench_noop", ops=frozenset({"jacobian"}), run=lambda p, c: p.x,
-                                      memory=lambda s, c: 0))
+        # the answer itself, computed once: the plan's first call is cross-checked against plain
+        # reverse-mode autograd (a plan this process did not tune), and must pass as a real one would
+        answer = registry.get("sum_grad", "jacobian")(Problem("jacobian", f, x), None)
+        noop = temporary.add(Strategy(name="bench_noop", ops=frozenset({"jacobian"}), run=lambda p, c: answer,
+                                      memory=lambda s, c: 0, autograd=True))
         from_disk = Planner(cache.default_store())  # a new process's planner, as far as the file knows
         strategy = registry.get(plan.strategy, "jacobian")
 
