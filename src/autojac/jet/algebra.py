@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .interpreter import Interpreter, Jet
+from .interpreter import Interpreter, Jet, Link
 from .maps import Apply, Identity, Linear, MatmulLeft, MatmulRight, Scale
 from .order import Order
-from .stacks import Unsupported, expanded, lift
+from .stacks import Unsupported, add, expanded, lift
 from .table import Example, def_rule, named
 
 T = torch.Tensor
@@ -27,17 +27,24 @@ def _jet(ctx: Interpreter, value: Any) -> Jet | None:
     return ctx.jet(value) if isinstance(value, Tensor) else None
 
 
+def _traced(ctx: Interpreter, value: Tensor) -> Jet:
+    """The jet of an input that is traced: the call's one tensor that can be (the call touches one)."""
+    jet = ctx.jet(value)
+    assert jet is not None
+    return jet
+
+
 def _shape(value: Any) -> torch.Size:
     return value.shape if isinstance(value, Tensor) else torch.Size()
 
 
 def _sum_rule(sign: float) -> Callable[..., Any]:
     """a + alpha b (sign 1) or a - alpha b (sign -1)."""
-    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         a, b = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs["other"])
         alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
         y = func(*args, **kwargs)
-        links = []
+        links: list[Link] = []
         ja, jb = _jet(ctx, a), _jet(ctx, b)
         if ja is not None:
             links.append((ja, Identity(a.shape, y.shape)))
@@ -54,12 +61,12 @@ def_rule("sub", named("sub", "subtract", "__sub__"), _sum_rule(-1.0), "linear",
          [lambda x: x - x.flip(-1) - 1, lambda x: torch.sub(x, x[:, :1], alpha=3.0)])
 
 
-def _rsub(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _rsub(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     # x.__rsub__(other) and torch.rsub(x, other, alpha): other - alpha * x
     x, other = args[0], args[1] if len(args) > 1 else kwargs["other"]
     alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
     y = func(*args, **kwargs)
-    links = []
+    links: list[Link] = []
     jx, jo = _jet(ctx, x), _jet(ctx, other)
     if jx is not None:
         links.append((jx, Scale(-alpha, x.shape, y.shape)))
@@ -72,10 +79,11 @@ def_rule("rsub", named("rsub", "__rsub__"), _rsub, "linear", lambda x: 1 - x)
 
 
 def _scale_by(number: float) -> Callable[..., Any]:
-    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = args[0] if args else kwargs["input"]
         y = func(*args, **kwargs)
-        return ctx.emit(y, [(ctx.jet(x), Scale(number, x.shape, y.shape) if number != 1 else Identity(x.shape, y.shape))])
+        derivative = Scale(number, x.shape, y.shape) if number != 1 else Identity(x.shape, y.shape)
+        return ctx.emit(y, [(_traced(ctx, x), derivative)])
     return apply
 
 
@@ -89,12 +97,12 @@ def _bilinear(ctx: Interpreter, y: Tensor, a: Tensor, b: Tensor, ja: Jet, jb: Je
     ndim = y.dim()
 
     def curvature(order: Order) -> Tensor:
-        return order.cross(product, lift(ja.t, ndim), lift(jb.t, ndim))
+        return order.cross(product, lift(ja.tangents(), ndim), lift(jb.tangents(), ndim))
 
     return ctx.emit(y, [(ja, map_a), (jb, map_b)], curvature)
 
 
-def _mul(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _mul(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     a, b = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs["other"])
     y = func(*args, **kwargs)
     ja, jb = _jet(ctx, a), _jet(ctx, b)
@@ -102,6 +110,7 @@ def _mul(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) 
         return _bilinear(ctx, y, a, b, ja, jb, torch.mul, Scale(b, a.shape, y.shape), Scale(a, b.shape, y.shape))
     if ja is not None:
         return ctx.emit(y, [(ja, Scale(b, a.shape, y.shape))])
+    assert jb is not None  # the call touches a traced tensor
     return ctx.emit(y, [(jb, Scale(a, b.shape, y.shape))])
 
 
@@ -109,7 +118,7 @@ def_rule("mul", named("mul", "multiply", "__mul__", "__rmul__"), _mul, "bilinear
          [lambda x: x * x.flip(-1), lambda x: x * 3.0, lambda x: x * x[:, :1], lambda x: x * x])
 
 
-def _div(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _div(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return _div_call(ctx, func, *args, **kwargs)
 
 
@@ -120,7 +129,7 @@ def _div_call(ctx: Interpreter, func: Callable[..., Any], input: Any, other: Any
     if _jet(ctx, other) is not None:
         return ctx.decompose(lambda a, b: a * torch.reciprocal(b), input, other)
     y = torch.div(input, other)
-    x_jet = ctx.jet(input)
+    x_jet = _traced(ctx, input)
     factor = 1 / other if not isinstance(other, Tensor) else torch.reciprocal(other)
     return ctx.emit(y, [(x_jet, Scale(factor, input.shape, y.shape))])
 
@@ -130,7 +139,7 @@ def_rule("div", named("div", "divide", "true_divide", "__truediv__", "__div__"),
           lambda x: x * torch.div(x, 0.3, rounding_mode="floor")])
 
 
-def _rdiv(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _rdiv(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     x, other = args
     return ctx.decompose(lambda a, b: b * torch.reciprocal(a), x, other)
 
@@ -138,7 +147,7 @@ def _rdiv(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict)
 def_rule("rdiv", named("__rtruediv__", "__rdiv__"), _rdiv, "composite", lambda x: 2 / (x * x + 1))
 
 
-def _pow(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _pow(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     base, exponent = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs["exponent"])
     if func is T.__rpow__:  # x.__rpow__(other) is other ** x
         base, exponent = exponent, base
@@ -147,7 +156,7 @@ def _pow(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) 
             log_b = torch.log(b) if isinstance(b, Tensor) else math.log(b)
             return torch.exp(e * log_b)
         return ctx.decompose(power, base, exponent)
-    jet = ctx.jet(base)
+    jet = _traced(ctx, base)
     y = torch.pow(base, exponent)
     if isinstance(exponent, Tensor):
         p: Any = exponent
@@ -160,7 +169,7 @@ def _pow(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) 
         if not isinstance(p, Tensor) and p in (0, 1):
             return None
         g2 = p * (p - 1) * (torch.pow(base, p - 2) if (isinstance(p, Tensor) or p != 2) else 1.0)
-        return g2 * order.quad(jet.t)
+        return g2 * order.quad(jet.tangents())
 
     return ctx.emit(y, [(jet, Scale(g1, base.shape, y.shape))], curvature)
 
@@ -174,7 +183,7 @@ def_rule("pow", named("pow", "__pow__", "__rpow__"), _pow, "deriv",
 def _binary_derivatives(name: str, funcs: Sequence[Any], value: Callable[[Tensor, Tensor], Tensor],
                         partials: Callable[[Tensor, Tensor], tuple[Tensor, ...]], examples: Any) -> None:
     """Elementwise y = g(a, b) of two tensors: partials(a, b) gives (g_a, g_b, g_aa, g_ab, g_bb)."""
-    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         a, b = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs["other"])
         ja, jb = _jet(ctx, a), _jet(ctx, b)
         a_t = a if isinstance(a, Tensor) else torch.as_tensor(a, dtype=b.dtype, device=b.device)
@@ -182,21 +191,20 @@ def _binary_derivatives(name: str, funcs: Sequence[Any], value: Callable[[Tensor
         y = value(a_t, b_t)
         ga, gb, gaa, gab, gbb = partials(a_t, b_t)
         ndim = y.dim()
-        links = []
+        links: list[Link] = []
         if ja is not None:
             links.append((ja, Scale(ga, a_t.shape, y.shape)))
         if jb is not None:
             links.append((jb, Scale(gb, b_t.shape, y.shape)))
 
-        def curvature(order: Order) -> Tensor:
-            total = None
+        def curvature(order: Order) -> Tensor | None:
+            total: Tensor | None = None
             if ja is not None:
-                total = gaa * order.quad(lift(ja.t, ndim))
+                total = gaa * order.quad(lift(ja.tangents(), ndim))
             if jb is not None:
-                term = gbb * order.quad(lift(jb.t, ndim))
-                total = term if total is None else total + term
+                total = add(total, gbb * order.quad(lift(jb.tangents(), ndim)))
             if ja is not None and jb is not None:
-                total = total + gab * order.cross(torch.mul, lift(ja.t, ndim), lift(jb.t, ndim))
+                total = add(total, gab * order.cross(torch.mul, lift(ja.tangents(), ndim), lift(jb.tangents(), ndim)))
             return total
 
         return ctx.emit(y, links, curvature)
@@ -214,13 +222,13 @@ _binary_derivatives("atan2", named("atan2", "arctan2"), torch.atan2, _atan2_part
                     [lambda x: torch.atan2(x, x.flip(-1) + 2), lambda x: torch.atan2(x, torch.ones_like(x))])
 
 
-def _selection(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _selection(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     # maximum / minimum: the derivative of the larger (smaller) input; half each where they tie
     a, b = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs["other"])
     y = func(*args, **kwargs)
     picked = (y == a).to(y.dtype)
     tie = (a == b).to(y.dtype) * 0.5
-    links = []
+    links: list[Link] = []
     ja, jb = _jet(ctx, a), _jet(ctx, b)
     if ja is not None:
         links.append((ja, Scale(picked - tie, a.shape, y.shape)))
@@ -233,14 +241,14 @@ def_rule("maximum", named("maximum", "minimum", "fmax", "fmin"), _selection, "li
          [lambda x: torch.maximum(x, x.flip(-1) * 0.5) * x, lambda x: torch.minimum(x, torch.zeros_like(x)) * x])
 
 
-def _where(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _where(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if func is T.where:  # x.where(condition, other) is torch.where(condition, x, other)
         condition, a, b = args[1], args[0], args[2] if len(args) > 2 else kwargs["other"]
     else:
         condition, a, b = (*args, *(kwargs[k] for k in ("condition", "input", "other")[len(args):] if k in kwargs))
     y = torch.where(condition, a, b)
     mask = condition.to(y.dtype)
-    links = []
+    links: list[Link] = []
     ja, jb = _jet(ctx, a), _jet(ctx, b)
     if ja is not None:
         links.append((ja, Scale(mask, a.shape, y.shape)))
@@ -253,12 +261,12 @@ def_rule("where", named("where"), _where, "linear",
          [lambda x: torch.where(x > 0, x * x, torch.sin(x)), lambda x: x.where(x < 0.5, 2.0) * x])
 
 
-def _masked_fill(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _masked_fill(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     x, mask, value = (*args, *(kwargs[k] for k in ("mask", "value")[len(args) - 1:] if k in kwargs))
     if _jet(ctx, value) is not None:
         raise Unsupported("masked_fill with a traced fill value")
     y = func(*args, **kwargs)
-    return ctx.emit(y, [(ctx.jet(x), Scale((~mask).to(y.dtype), x.shape, y.shape))])
+    return ctx.emit(y, [(_traced(ctx, x), Scale((~mask).to(y.dtype), x.shape, y.shape))])
 
 
 def_rule("masked_fill", named("masked_fill"), _masked_fill, "linear",
@@ -268,8 +276,9 @@ def_rule("masked_fill", named("masked_fill"), _masked_fill, "linear",
 # ---------------------------------------------------------------------------------------------
 # Products
 
-def _matmul(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    a, b = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs.get("other", kwargs.get("mat2")))
+def _matmul(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    a: Any = args[0]
+    b: Any = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
     if func is T.__rmatmul__:
         a, b = b, a
     y = torch.matmul(a, b)
@@ -280,7 +289,10 @@ def _matmul(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dic
     map_b = MatmulLeft(a, b.shape, y.shape) if jb is not None else None
     if ja is not None and jb is not None:
         return _bilinear(ctx, y, a, b, ja, jb, torch.matmul, map_a, map_b)
-    return ctx.emit(y, [(ja, map_a)] if ja is not None else [(jb, map_b)])
+    if ja is not None:
+        return ctx.emit(y, [(ja, map_a)])
+    assert jb is not None  # the call touches a traced tensor
+    return ctx.emit(y, [(jb, map_b)])
 
 
 def_rule("matmul", named("matmul", "mm", "bmm", "__matmul__", "__rmatmul__"), _matmul, "bilinear",
@@ -291,7 +303,7 @@ def_rule("matmul", named("matmul", "mm", "bmm", "__matmul__", "__rmatmul__"), _m
           Example(lambda x: torch.tanh(x @ torch.linspace(-1, 1, 3, dtype=x.dtype)), (3,))])
 
 
-def _einsum(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _einsum(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     equation, operands = args[0], list(args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:])
     y = torch.einsum(equation, *operands)
     spec = equation.replace(" ", "")
@@ -302,21 +314,23 @@ def _einsum(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dic
         output = ("..." if "..." in inputs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
     free = next(c for c in "ZYXWVUTSRQPONMLKJIHGFEDCBA" if c not in spec)
     jets = [_jet(ctx, op) for op in operands]
-    traced = [i for i, jet in enumerate(jets) if jet is not None]
+    traced = [(i, jet) for i, jet in enumerate(jets) if jet is not None]
 
     def with_stacks(stacked: dict[int, Tensor]) -> Tensor:
         eq = ",".join(free + t if i in stacked else t for i, t in enumerate(terms)) + "->" + free + output
         return torch.einsum(eq, *(expanded(stacked[i], operands[i].shape) if i in stacked else op
                                   for i, op in enumerate(operands)))
 
-    links = [(jets[i], Apply(lambda c, i=i: with_stacks({i: c}), operands[i].shape, y.shape, batched=True))
-             for i in traced]
+    def on_stack(i: int) -> Callable[[Tensor], Tensor]:
+        return lambda c: with_stacks({i: c})
+
+    links = [(jet, Apply(on_stack(i), operands[i].shape, y.shape, batched=True)) for i, jet in traced]
 
     def curvature(order: Order) -> Tensor | None:
         total = None
-        for n, i in enumerate(traced):
-            for j in traced[n + 1:]:
-                term = order.cross(lambda ci, cj, i=i, j=j: with_stacks({i: ci, j: cj}), jets[i].t, jets[j].t)
+        for n, (i, ji) in enumerate(traced):
+            for j, jj in traced[n + 1:]:
+                term = order.cross(lambda ci, cj: with_stacks({i: ci, j: cj}), ji.tangents(), jj.tangents())
                 total = term if total is None else total + term
         return total
 
@@ -330,7 +344,7 @@ def_rule("einsum", [torch.einsum], _einsum, "bilinear",
           Example(lambda x: torch.einsum("bi,bj,bk->bijk", x, x, x), (2,))])
 
 
-def _linear(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _linear(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return _linear_call(ctx, *args, **kwargs)
 
 
@@ -341,14 +355,14 @@ def _linear_call(ctx: Interpreter, input: Tensor, weight: Tensor, bias: Tensor |
             return y if b is None else y + b
         return ctx.decompose(affine, input, weight, bias)
     y = ctx.reuse("linear", (input, weight, bias), lambda: F.linear(input, weight, bias))
-    return ctx.emit(y, [(ctx.jet(input), Linear(weight, input.shape, y.shape))])
+    return ctx.emit(y, [(_traced(ctx, input), Linear(weight, input.shape, y.shape))])
 
 
 def_rule("linear", [F.linear, torch._C._nn.linear], _linear, "linear",
          [lambda x: F.linear(x, torch.linspace(-1, 1, 6, dtype=x.dtype).view(2, 3), torch.ones(2, dtype=x.dtype))])
 
 
-def _conv(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _conv(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     x = args[0] if args else kwargs["input"]
     weight = args[1] if len(args) > 1 else kwargs["weight"]
     if _jet(ctx, weight) is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -194,7 +194,7 @@ def _write(into: Tensor, jet: Jet | None, y: Tensor) -> None:
         stack, weight = pending
         torch.matmul(expanded(stack, (y.shape[0], stack.shape[-1])), weight.t(), out=into)
         return
-    into.copy_(expanded(jet.t, y.shape))
+    into.copy_(expanded(jet.tangents(), y.shape))
 
 
 # How much work one interpretation takes on, on CPU. A Jacobian's directions are taken in spans whose
@@ -208,7 +208,9 @@ def _write(into: Tensor, jet: Jet | None, y: Tensor) -> None:
 SPAN_BYTES = 16 << 20
 BLOCK_BYTES = 4 << 20
 SMALLEST_BLOCK = 256
-_WIDEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# f -> {(per-sample shape of x, dtype): elements per sample of f's widest traced value}
+_WIDEST: weakref.WeakKeyDictionary[Callable[[Tensor], Tensor], dict[tuple[tuple[int, ...], torch.dtype], int]]
+_WIDEST = weakref.WeakKeyDictionary()
 
 
 def _widest(f: Callable[[Tensor], Tensor], x: Tensor) -> int | None:
@@ -258,7 +260,7 @@ def _finish_second(kind: str, jet: Jet | None, y: Tensor, order: Order, n: int, 
     return _per_sample(s, y, stop - start)
 
 
-def _join_second(kind: str, pieces: Sequence[Tensor], y: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+def _join_second(kind: str, pieces: list[Tensor], y: Tensor, in_shape: tuple[int, ...]) -> Tensor:
     if kind == "laplacian":
         total = pieces[0]
         for piece in pieces[1:]:

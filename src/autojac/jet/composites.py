@@ -21,7 +21,7 @@ from .stacks import Unsupported
 from .table import Example, def_comp, named
 
 
-def _normalized(x: Tensor, dims: Sequence[int], eps: float) -> Tensor:
+def _normalized(x: Tensor, dims: list[int], eps: float) -> Tensor:
     mean = x.mean(dims, keepdim=True)
     centered = x - mean
     variance = (centered * centered).mean(dims, keepdim=True)

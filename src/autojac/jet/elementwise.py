@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from .interpreter import Interpreter
 from .maps import Scale
 from .stacks import Unsupported, constant
-from .table import Example, def_deriv, def_rule, defzero, named
+from .table import Example, def_deriv, def_rule, defzero, getters, named
 
 T = torch.Tensor
 SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
@@ -32,11 +32,11 @@ defzero("rounding", named("floor", "ceil", "round", "trunc", "sign", "sgn", "hea
 defzero("like", named("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
                       "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"),
         examples=lambda x: x * torch.ones_like(x) + torch.zeros_like(x) + x.new_ones(x.shape))
-defzero("detach", [*named("detach"), T.data.__get__],
+defzero("detach", [*named("detach"), *getters("data")],
         examples=lambda x: x * x.detach() + x.data)
 
 
-def _same_object(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _same_object(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return func(*args, **kwargs)  # returns its input itself, still traced
 
 
@@ -124,7 +124,7 @@ def _silu_second(x: Tensor, y: Tensor, g1: Tensor) -> Tensor:
     return 2 * ds + x * dds
 
 
-def _inplace_flag(input: Tensor, inplace: bool = False) -> tuple[Tensor, tuple, bool]:
+def _inplace_flag(input: Tensor, inplace: bool = False) -> tuple[Tensor, tuple[Any, ...], bool]:
     return input, (), inplace
 
 
@@ -135,7 +135,8 @@ def_deriv("relu6", named("relu6"), F.relu6, lambda x, y: ((x > 0) & (x < 6)).to(
           lambda x: F.relu6(4 * x) * x)
 
 
-def _leaky_params(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> tuple[Tensor, tuple, bool]:
+def _leaky_params(input: Tensor, negative_slope: float = 0.01,
+                  inplace: bool = False) -> tuple[Tensor, tuple[Any, ...], bool]:
     return input, (negative_slope,), inplace
 
 
@@ -144,7 +145,7 @@ def_deriv("leaky_relu", named("leaky_relu"), lambda x, slope: F.leaky_relu(x, sl
           lambda x: F.leaky_relu(x, 0.3) * x)
 
 
-def _alpha_params(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> tuple[Tensor, tuple, bool]:
+def _alpha_params(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> tuple[Tensor, tuple[Any, ...], bool]:
     return input, (alpha,), inplace
 
 
@@ -168,7 +169,7 @@ def_deriv("selu", named("selu"), F.selu,
           _inplace_flag, lambda x: F.selu(x))
 
 
-def _softplus_params(input: Tensor, beta: float = 1.0, threshold: float = 20.0) -> tuple[Tensor, tuple, bool]:
+def _softplus_params(input: Tensor, beta: float = 1.0, threshold: float = 20.0) -> tuple[Tensor, tuple[Any, ...], bool]:
     return input, (beta, threshold), False
 
 
@@ -187,7 +188,7 @@ def_deriv("softplus", [*named("softplus"), torch._C._nn.softplus], lambda x, bet
           [lambda x: F.softplus(x), lambda x: F.softplus(x, beta=2.0, threshold=1.0)])
 
 
-def _gelu_params(input: Tensor, approximate: str = "none") -> tuple[Tensor, tuple, bool]:
+def _gelu_params(input: Tensor, approximate: str = "none") -> tuple[Tensor, tuple[Any, ...], bool]:
     return input, (approximate,), False
 
 
@@ -216,7 +217,7 @@ def_deriv("gelu", [*named("gelu"), torch._C._nn.gelu], lambda x, approximate: F.
 
 
 def _hardtanh_params(input: Tensor, min_val: float = -1.0, max_val: float = 1.0,
-                     inplace: bool = False) -> tuple[Tensor, tuple, bool]:
+                     inplace: bool = False) -> tuple[Tensor, tuple[Any, ...], bool]:
     return input, (min_val, max_val), inplace
 
 
@@ -232,7 +233,7 @@ def_deriv("hardswish", named("hardswish"), F.hardswish,
           lambda x: F.hardswish(4 * x))
 
 
-def _clamp_params(input: Tensor, min: Any = None, max: Any = None) -> tuple[Tensor, tuple, bool]:
+def _clamp_params(input: Tensor, min: Any = None, max: Any = None) -> tuple[Tensor, tuple[Any, ...], bool]:
     if isinstance(min, Tensor) or isinstance(max, Tensor):
         raise Unsupported("clamp with tensor bounds")  # handled by the clamp rule below
     return input, (min, max), False
@@ -247,7 +248,7 @@ def _clamp_mask(x: Tensor, y: Tensor, lo: Any, hi: Any) -> Tensor:
     return inside.to(x.dtype)
 
 
-def _clamp(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _clamp(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return _clamp_call(ctx, *args, **kwargs)
 
 

@@ -31,7 +31,7 @@ from .stacks import Unsupported, add
 from .table import RULES, resolve
 
 
-class _Ref(weakref.ref):
+class _Ref(weakref.ref[Tensor]):
     """A weak reference to a traced value that knows its key in the table (for its callback)."""
 
     __slots__ = ("key",)
@@ -57,6 +57,13 @@ class Jet:
             stack, weight = self.pending
             self._t, self.pending = F.linear(stack, weight), None
         return self._t
+
+    def tangents(self) -> Tensor:
+        """t where it must be carried: forward mode carries every traced value's first-order stack
+        (and only forward mode asks the rules for their curvatures)."""
+        t = self.t
+        assert t is not None, "a traced value without its first-order stack in forward mode"
+        return t
 
 
 Curvature = Callable[[Order], "Tensor | None"]
@@ -89,7 +96,7 @@ class Interpreter(TorchFunctionMode):
         self.order = order
         self.forward = order is not None
         self.second = order is not None and order.second and not curvature_on_tape
-        self.table: dict[int, tuple[weakref.ref, Jet]] = {}
+        self.table: dict[int, tuple[_Ref, Jet]] = {}
         self.tape: list[tuple[int, list[tuple[int, Map]]]] | None = [] if record or curvature_on_tape else None
         self.curvatures: dict[int, Curvature] | None = {} if curvature_on_tape else None
         self.shapes: dict[int, torch.Size] = {}  # the value's shape at each node with a curvature
@@ -107,12 +114,15 @@ class Interpreter(TorchFunctionMode):
     def jet(self, value: object) -> Jet | None:
         """The coefficients of a traced value, None for a constant."""
         entry = self.table.get(id(value))
-        if entry is None or entry[0]() is not value:
+        if entry is None:
             return None
-        jet = entry[1]
+        ref, jet = entry
+        traced = ref()
+        if traced is None or traced is not value:
+            return None
         if jet.stale:
             self.fail(jet.stale)
-        if jet.version != value._version:  # type: ignore[attr-defined]
+        if jet.version != traced._version:
             self.fail("f changes a traced tensor in place after using it (through a view, or an operation "
                       "without a rule)")
         return jet
@@ -177,11 +187,11 @@ class Interpreter(TorchFunctionMode):
         if self.tape is not None and any(jet.node == BYPASS for jet, _ in links):
             return self.track(value, Jet(None, None, BYPASS))
         if self.forward and joint is None and stacks is None and len(links) == 1 \
-                and isinstance(links[0][1], Linear) and self.tape is None:
+                and isinstance(layer := links[0][1], Linear) and self.tape is None:
             # a linear layer's tangents wait until read: the last layer's, for a Laplacian, never are
-            jet_in, m = links[0]
-            jet = Jet(None, m(jet_in.s) if jet_in.s is not None else None)
-            jet.pending = (jet_in.t, m.weight)
+            jet_in = links[0][0]
+            jet = Jet(None, layer(jet_in.s) if jet_in.s is not None else None)
+            jet.pending = (jet_in.tangents(), layer.weight)
             return self.track(value, jet)
         t = s = None
         if stacks is not None:
@@ -193,22 +203,29 @@ class Interpreter(TorchFunctionMode):
                     s = joint([jet.s for jet, _ in links])
             else:
                 for jet, m in links:
+                    assert m is not None  # without joint or stacks, a rule gives every input's map
                     if jet.t is not None:
                         t = add(t, m(jet.t))
                     if jet.s is not None:
                         s = add(s, m(jet.s))
             if self.second and curvature is not None:
-                s = add(s, curvature(self.order))  # type: ignore[arg-type]
+                assert self.order is not None  # (second order is carried only with an order)
+                s = add(s, curvature(self.order))
         node = -1
         if self.tape is not None:
             node = len(self.tape)
-            self.tape.append((node, [(jet.node, m) for jet, m in links if jet.node >= 0]))
+            inputs: list[tuple[int, Map]] = []
+            for jet, m in links:
+                if jet.node >= 0:
+                    assert m is not None  # with a tape kept, a rule gives every input's map
+                    inputs.append((jet.node, m))
+            self.tape.append((node, inputs))
             if self.curvatures is not None and curvature is not None:
                 self.curvatures[node] = curvature
                 self.shapes[node] = value.shape
         return self.track(value, Jet(t, s, node))
 
-    def emit_each(self, values: Sequence[Any], jet: Jet, split: Callable[[Tensor], Sequence[Tensor]],
+    def emit_each(self, values: Sequence[Any], jet: Jet, split: Callable[[Tensor], Sequence[Tensor | None]],
                   maps: Sequence[Map | None]) -> None:
         """Trace an op with several outputs, linear in one input: split(stack) gives each output's
         stack (computed once per stack); maps[i] is output i's map for the tape (None: not traced)."""

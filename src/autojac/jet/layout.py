@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .algebra import _jet, _selection, _shape
-from .interpreter import Interpreter
+from .algebra import _jet, _selection, _shape, _traced
+from .interpreter import Interpreter, Link
 from .maps import Apply, Identity
 from .stacks import Unsupported, compact, expanded, lift, zeros
-from .table import Example, def_rule, deflinear, named
+from .table import Example, def_rule, deflinear, getters, named
 
 T = torch.Tensor
 
@@ -112,13 +112,13 @@ deflinear("transpose", named("transpose", "swapaxes", "swapdims"), _permute_rule
           examples=Example(lambda x: x.view(-1, 2, 3).transpose(1, 2).reshape(-1, 6) * x, (6,)))
 deflinear("movedim", named("movedim", "moveaxis"), _permute_rule(_perm_movedim), batched=True,
           examples=Example(lambda x: x.view(-1, 2, 3).movedim(1, -1).reshape(-1, 6) * x, (6,)))
-deflinear("t", [torch.t, T.t, T.T.__get__], _permute_rule(_perm_t), batched=True,
+deflinear("t", [torch.t, T.t, *getters("T")], _permute_rule(_perm_t), batched=True,
           examples=lambda x: torch.sin(x.T).t() * x)
-deflinear("mT", [T.mT.__get__, T.mH.__get__, T.H.__get__], _permute_rule(_perm_mt), batched=True,
+deflinear("mT", getters("mT", "mH", "H"), _permute_rule(_perm_mt), batched=True,
           examples=Example(lambda x: x.view(-1, 2, 3).mT.reshape(-1, 6) * x, (6,)))
 
 
-def _stack_index(index: Any) -> tuple:
+def _stack_index(index: Any) -> tuple[Any, ...]:
     """x[index] on a value is stack[(slice(None), *index)] on its stacks, unless advanced indices
     are split by a slice (their dimensions would then move to the front, before the stack's)."""
     index = index if isinstance(index, tuple) else (index,)
@@ -197,8 +197,8 @@ deflinear("roll", named("roll"), _roll, examples=lambda x: x.roll(1, 1) * x)
 
 
 def _flip(x: Tensor, y: Tensor, *dims: Any) -> Callable[[Tensor], Tensor]:
-    dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
-    d = _dims(list(dims), x.dim())
+    given = dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
+    d = _dims(list(given), x.dim())
     return lambda c: c.flip(d)
 
 
@@ -299,7 +299,7 @@ deflinear("mean", named("mean"), _reduce(True), batched=True,
           examples=[lambda x: x.mean(-1, keepdim=True) * x, lambda x: torch.mean(x * x, dim=(1,))])
 
 
-def _extremum(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _extremum(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """max/min/amax/amin: the derivative of the extreme entry (one of them where several tie)."""
     x = args[0]
     rest = list(args[1:])
@@ -309,7 +309,7 @@ def _extremum(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: d
     dim = kwargs.get("dim", rest[0] if rest else None)
     keepdim = kwargs.get("keepdim", rest[1] if len(rest) > 1 else False)
     arg = torch.argmax if name in ("max", "amax") else torch.argmin
-    jet = ctx.jet(x)
+    jet = _traced(ctx, x)
     if isinstance(dim, (list, tuple)):
         if len(dim) != 1:
             raise Unsupported(f"{name} over several dimensions")
@@ -318,7 +318,9 @@ def _extremum(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: d
     y = out[0] if isinstance(out, tuple) else out
     if dim is None:
         where = arg(x.detach()).reshape(1)
-        fn = lambda c: expanded(c, x.shape).flatten(1).index_select(1, where).reshape(c.shape[0], *y.shape)  # noqa: E731
+
+        def fn(c: Tensor) -> Tensor:
+            return expanded(c, x.shape).flatten(1).index_select(1, where).reshape(c.shape[0], *y.shape)
     else:
         d = _negative(dim, x.dim())
         where = arg(x.detach(), dim, keepdim=True)
@@ -338,7 +340,8 @@ def_rule("extremum", named("max", "min", "amax", "amin"), _extremum, "linear",
           lambda x: x.min(dim=1)[0] * x[:, 0], lambda x: torch.max(x, x.flip(-1)) * x])
 
 
-def _cat(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict, stack: bool = False) -> Any:
+def _cat(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+         stack: bool = False) -> Any:
     tensors = list(args[0] if args else kwargs["tensors"])
     dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
     y = func(*args, **kwargs)
@@ -356,16 +359,18 @@ def _cat(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict, 
         shapes = [[1 if keep[i] else size for i, size in enumerate(t.shape)] for t in tensors]
         return op([p.expand(count, *shape) for p, shape in zip(lifted, shapes)], d)
 
-    traced = [i for i, jet in enumerate(jets) if jet is not None]
+    traced = [(i, jet) for i, jet in enumerate(jets) if jet is not None]
 
     def joint_of_links(stacks: Sequence[Tensor | None]) -> Tensor:
         pieces: list[Tensor | None] = [None] * len(tensors)
-        for i, stack in zip(traced, stacks):
+        for (i, _), stack in zip(traced, stacks):
             pieces[i] = stack
         return joint(pieces)
 
-    links = [(jets[i], Apply(lambda c, i=i: joint([c if j == i else None for j in range(len(tensors))]),
-                             tensors[i].shape, y.shape, batched=True)) for i in traced]
+    def alone(i: int) -> Callable[[Tensor], Tensor]:  # the joint stack when only input i has one
+        return lambda c: joint([c if j == i else None for j in range(len(tensors))])
+
+    links = [(jet, Apply(alone(i), tensors[i].shape, y.shape, batched=True)) for i, jet in traced]
     return ctx.emit(y, links, joint=joint_of_links)
 
 
@@ -376,28 +381,36 @@ def_rule("stack", named("stack"), lambda ctx, func, args, kwargs: _cat(ctx, func
          lambda x: torch.stack([x, torch.sin(x), torch.zeros_like(x)], 1).flatten(1) * x.repeat(1, 3))
 
 
-def _pieces(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _pieces(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """split, chunk, unbind: several outputs, each a piece of the input."""
     x = args[0] if args else kwargs["input"]
     out = func(*args, **kwargs)
-    jet = ctx.jet(x)
+    jet = _traced(ctx, x)
     name = func.__name__
     rest = list(args[1:])
     if name == "unbind":
         dim = kwargs.get("dim", rest[0] if rest else 0)
         d = _negative(dim, x.dim())
-        split = lambda c: expanded(c, x.shape).unbind(d)  # noqa: E731
+
+        def split(c: Tensor) -> Sequence[Tensor]:
+            return expanded(c, x.shape).unbind(d)
     else:
-        size = kwargs.get("split_size_or_sections", kwargs.get("split_size", kwargs.get("chunks", rest[0] if rest else None)))
+        size: Any = kwargs.get("split_size_or_sections",
+                               kwargs.get("split_size", kwargs.get("chunks", rest[0] if rest else None)))
         dim = kwargs.get("dim", rest[1] if len(rest) > 1 else 0)
         d = _negative(dim, x.dim())
-        method = torch.chunk if name == "chunk" else torch.split
-        split = lambda c: method(expanded(c, x.shape), size, d)  # noqa: E731
+        chunk = name == "chunk"
+
+        def split(c: Tensor) -> Sequence[Tensor]:
+            return torch.chunk(expanded(c, x.shape), size, d) if chunk else torch.split(expanded(c, x.shape), size, d)
 
     def parts(c: Tensor) -> list[Tensor]:
         return [compact(p) for p in split(c)]
 
-    maps = [Apply(lambda c, i=i: split(c)[i], x.shape, piece.shape, batched=True) for i, piece in enumerate(out)]
+    def piece(i: int) -> Callable[[Tensor], Tensor]:
+        return lambda c: split(c)[i]
+
+    maps = [Apply(piece(i), x.shape, value.shape, batched=True) for i, value in enumerate(out)]
     ctx.emit_each(out, jet, parts, maps)
     return out
 
@@ -407,7 +420,7 @@ def_rule("split", named("split", "chunk", "unbind"), _pieces, "linear",
           lambda x: x.unbind(1)[1][:, None] * x])
 
 
-def _setitem(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _setitem(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     target, index, source = args
     jt, js = ctx.jet(target), _jet(ctx, source)
     region = target[index].shape
@@ -415,12 +428,14 @@ def _setitem(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: di
     func(target, index, source)  # the write itself, as f asked for it
 
     def written(old: Tensor | None, new: Tensor | None) -> Tensor:
-        count = (old if old is not None else new).shape[0]
+        given = old if old is not None else new
+        assert given is not None  # a link's stack, or the joint's (one of the inputs has a stack)
+        count = given.shape[0]
         out = expanded(old, target.shape).clone() if old is not None else target.new_zeros(count, *target.shape)
         out[full] = expanded(new, region) if new is not None else 0
         return out
 
-    links = []
+    links: list[Link] = []
     if jt is not None:
         links.append((jt, Apply(lambda c: written(c, None), target.shape, target.shape, batched=True)))
     if js is not None:
@@ -447,7 +462,7 @@ def _written_into_traced(x: Tensor) -> Tensor:
     return out * x
 
 
-def _dropout(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _dropout(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return _dropout_call(ctx, func, *args, **kwargs)
 
 
@@ -456,7 +471,7 @@ def _dropout_call(ctx: Interpreter, func: Callable[..., Any], input: Tensor, p: 
     if training and p > 0:
         raise Unsupported(f"{func.__name__} in training mode (a random mask)")
     y = input.clone()
-    return ctx.emit(y, [(ctx.jet(input), Identity(input.shape, y.shape))])
+    return ctx.emit(y, [(_traced(ctx, input), Identity(input.shape, y.shape))])
 
 
 def_rule("dropout", named("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"),

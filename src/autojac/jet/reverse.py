@@ -168,7 +168,7 @@ def meet_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, cut: Cut, chunk: int
         if tuple(value.shape[1:]) != cut.shape:
             interp.fail(f"the meeting point of forward and reverse mode moved (shape {tuple(value.shape[1:])}, "
                         f"not {cut.shape})")
-        held["t"] = jet.t  # (n, *b): the forward half
+        held["t"] = jet.tangents()  # (n, *b): the forward half
         for ref, other in list(interp.table.values()):
             if ref() is not value:
                 other.node = BYPASS

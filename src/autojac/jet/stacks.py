@@ -38,8 +38,9 @@ def compact(stack: Tensor) -> Tensor:
     strides, sizes = stack.stride(), stack.shape
     if all(strides[d] or sizes[d] == 1 for d in range(1, len(sizes))):
         return stack
-    return stack[(slice(None), *(slice(0, 1) if not strides[d] and sizes[d] > 1 else slice(None)
-                                 for d in range(1, len(sizes))))]
+    index = (slice(None), *(slice(0, 1) if not strides[d] and sizes[d] > 1 else slice(None)
+                            for d in range(1, len(sizes))))
+    return stack[index]
 
 
 def reduce_to(adjoint: Tensor, in_shape: torch.Size, out_shape: torch.Size) -> Tensor:

@@ -25,12 +25,13 @@ import torch
 from torch import Tensor
 
 from .maps import Apply, Scale
+from .order import Order
 from .stacks import Unsupported
 
 if TYPE_CHECKING:
     from .interpreter import Interpreter
 
-Apply_ = Callable[["Interpreter", Callable[..., Any], tuple, dict], Any]
+Apply_ = Callable[["Interpreter", Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ def named(*names: str) -> list[Callable[..., Any]]:
     return found
 
 
+def getters(*names: str) -> list[Callable[..., Any]]:
+    """What a rule is looked up by when these Tensor properties are read (x.T, x.data): their getters."""
+    return [getattr(torch.Tensor, name).__get__ for name in names]
+
+
 def _examples(examples: Example | Callable[[Tensor], Tensor] | Iterable[Any] | None) -> tuple[Example, ...]:
     if examples is None:
         return ()
@@ -96,7 +102,7 @@ def def_rule(name: str, funcs: Iterable[Any], apply: Apply_, family: str = "rule
 
 def defzero(name: str, funcs: Iterable[Any], examples: Any = None) -> Rule:
     """Operations whose result carries no derivative: it is computed and left untraced."""
-    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return func(*args, **kwargs)
 
     return def_rule(name, funcs, apply, "zero", examples)
@@ -108,7 +114,7 @@ def deflinear(name: str, funcs: Iterable[Any], stack_fn: Callable[..., Callable[
     indices): `stack_fn(x, y, *args, **kwargs)` gives the function that does to a full stack
     (L, *x.shape) what the operation did to x (y is the result), or, with `batched`, to a
     compact stack."""
-    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = args[0] if args else kwargs["input"]
         y = func(*args, **kwargs)
         jet = ctx.jet(x)
@@ -124,9 +130,9 @@ def deflinear(name: str, funcs: Iterable[Any], stack_fn: Callable[..., Callable[
 Derivative = Callable[..., "Tensor | float | None"]
 
 
-def def_deriv(name: str, funcs: Iterable[Any], value: Callable[..., Tensor], first: Derivative,
-              second: Derivative, params: Callable[..., tuple[Tensor, tuple, bool]] | None = None,
-              examples: Any = None, ratio: Derivative | None = None) -> Rule:
+def def_deriv(name: str, funcs: Iterable[Any], value: Callable[..., Tensor], first: Callable[..., Tensor],
+              second: Derivative, params: Callable[..., tuple[Tensor, tuple[Any, ...], bool]] | None = None,
+              examples: Any = None, ratio: Callable[..., Tensor] | None = None) -> Rule:
     """Elementwise y = g(x): `value(x, *p)` computes y out of place, `first(x, y, *p)` g'(x) and
     `second(x, y, g1, *p)` g''(x) (None where zero). `params(*args, **kwargs)` picks x, the
     parameters p and whether the call was in place from the call's arguments (default: one input).
@@ -134,7 +140,7 @@ def def_deriv(name: str, funcs: Iterable[Any], value: Callable[..., Tensor], fir
     be formed as g' (S + ratio T_a T_b) in two passes instead of three (tanh, sigmoid, exp)."""
     params = params or _one_input
 
-    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x, extra, in_place = params(*args, **kwargs)
         jet = ctx.jet(x)
         if jet is None:
@@ -147,15 +153,16 @@ def def_deriv(name: str, funcs: Iterable[Any], value: Callable[..., Tensor], fir
         link = (jet, Scale(g1, x.shape, y.shape) if ctx.tape is not None else None)  # the map is for the tape
         curvature = None
         if ctx.curvatures is not None:  # the op's own second-order term, weighted later by the adjoint
-            def curvature(order: Any) -> Tensor | None:
+            def curvature(order: Order) -> Tensor | None:
                 g2 = ratio(x, y, *extra) * g1 if ratio is not None else second(x, y, g1, *extra)
-                return None if g2 is None else g2 * order.quad(jet.t)
+                return None if g2 is None else g2 * order.quad(jet.tangents())
         if not ctx.forward:
             out = ctx.emit(y, [link], curvature)
         else:
-            t = jet.t
+            t = jet.tangents()
             s = None
             if ctx.second:
+                assert ctx.order is not None  # (second order is carried only with an order)
                 s = _second_stack(ctx.order.quad(t), jet.s, g1, y,
                                   ratio(x, y, *extra) if ratio is not None else None,
                                   second(x, y, g1, *extra) if ratio is None else None)
@@ -180,23 +187,27 @@ def _second_stack(quad: Tensor, s: Tensor | None, g1: Tensor, y: Tensor, ratio: 
     if in_place:
         total = quad.mul_(g2)
         return total if s is None else total.addcmul_(g1, s)
-    return torch.addcmul(g1 * s, g2, quad) if s is not None else g2 * quad
+    if s is None:
+        return g2 * quad
+    if isinstance(g2, Tensor):
+        return torch.addcmul(g1 * s, g2, quad)
+    return torch.add(g1 * s, quad, alpha=g2)  # g2 a number (square's): addcmul takes tensors only
 
 
-def _one_input(input: Tensor) -> tuple[Tensor, tuple, bool]:
+def _one_input(input: Tensor) -> tuple[Tensor, tuple[Any, ...], bool]:
     return input, (), False
 
 
 def def_comp(name: str, funcs: Iterable[Any], decomposition: Callable[..., Any], examples: Any = None) -> Rule:
     """Composites: the call runs again as `decomposition(*args, **kwargs)`, simpler operations
     that have rules (a fused normalization as means, subtractions and rsqrt: right at every order)."""
-    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def apply(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return ctx.decompose(decomposition, *args, **kwargs)
 
     return def_rule(name, funcs, apply, "composite", examples)
 
 
-def resolve(func: Any, args: tuple, kwargs: dict) -> tuple[Any, Rule | None, bool]:
+def resolve(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Rule | None, bool]:
     """For a function without an entry: its out-of-place form and that form's rule if it is an
     in-place variant (x.add_(y), x += y, torch.relu_), else (func, None, False)."""
     name = getattr(func, "__name__", "")

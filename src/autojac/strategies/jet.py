@@ -41,7 +41,9 @@ def _guarded(compute: Callable[[Problem, int | None], Tensor]) -> Callable[[Prob
         except Unsupported as error:
             log.debug("the engine cannot follow this call of f (%s); %s computes it", error, FALLBACK[p.op])
             with torch.enable_grad():  # plain autograd, whatever mode the engine ran in
-                return get(FALLBACK[p.op]).run(p, None)
+                result = get(FALLBACK[p.op]).run(p, None)
+            assert isinstance(result, Tensor)  # the fallbacks compute one result
+            return result
     return run
 
 
