@@ -72,3 +72,15 @@ def test_rule_matches_the_reference(rule, index):
         torch.testing.assert_close(api.second_order("laplacian", example.fn, x), diagonal.sum(-1), **tolerance)
     hv = (h @ v.reshape(2, *(1,) * (h.dim() - 3), n, 1)).squeeze(-1)
     torch.testing.assert_close(api.second_order("hvp", example.fn, x, v).reshape(*lead, n), hv, **tolerance)
+
+
+@pytest.mark.parametrize("grad_mode", [False, True])
+def test_a_constant_second_derivative_on_a_carried_second_order_stack(grad_mode):
+    # torch.square declares its second derivative as the number 2; on an input that already carries
+    # a second-order stack (sin(x) does) it once reached torch.addcmul as a float and the engine gave up
+    x = _input((5, 3)).double()
+    f = lambda z: torch.square(torch.sin(z)).sum(-1)  # noqa: E731
+    with torch.set_grad_enabled(grad_mode):
+        laplacian = api.second_order("laplacian", f, x, None, None)
+    expected = loop_hessian(f, x).diagonal(dim1=-2, dim2=-1).sum(-1)
+    torch.testing.assert_close(laplacian, expected)

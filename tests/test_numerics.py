@@ -41,3 +41,10 @@ def test_agree_scales_the_tolerance_by_the_largest_finite_magnitude(dtype):
     ok, diff, limit = agree(b + torch.tensor([0.0, 0.9 * allowed, 0.0], dtype=dtype), b)
     assert ok and math.isclose(limit, allowed, rel_tol=1e-6) and diff == pytest.approx(0.9 * allowed, rel=1e-3)
     assert not agree(b + torch.tensor([0.0, 2 * allowed, 0.0], dtype=dtype), b)[0]
+
+
+def test_results_zero_up_to_rounding_agree_with_a_floor_on_their_scale():
+    # the Laplacian of a nearly linear f: both are 0 up to rounding, differing by as much again
+    a, b = torch.tensor([1.7e-15, -3e-16], dtype=torch.float64), torch.tensor([1e-16, 0.0], dtype=torch.float64)
+    assert agree(a, b, order=2)[0]
+    assert not agree(torch.tensor([1e-3], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64))[0]
