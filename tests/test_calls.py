@@ -415,3 +415,52 @@ def test_a_call_with_extras_tunes_once_tuning_is_switched_back_on(monkeypatch):
     autojac.divergence(scaled, x, args=(t,))
     assert len(counted) == 1
     assert autojac.explain(scaled, x, op="divergence", args=(t,), tune=False).tuned
+
+
+@pytest.mark.parametrize("strategy", ["auto", "nested_derivatives", "vmap_derivatives", "jet_derivatives"])
+@pytest.mark.parametrize("ops", [("value", "jacobian", "hessian_diag"), ("jacobian", "laplacian"), ("hessian",),
+                                 ("value", "hessian", "laplacian")])
+def test_derivatives_with_dims_per_quantity(ops, strategy):
+    # a PINN's residual: u_x and u_t from the Jacobian over (x, t), u_xx alone of the second order
+    net = mlp(3, 2, width=8).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    found = autojac.derivatives(net, x, ops=ops, dims={"hessian_diag": [2, 0], "laplacian": [2, 0],
+                                                       "hessian": [2, 0]}, strategy=strategy)
+    hess = loop_hessian(net, x)[..., [2, 0], :][..., [2, 0]]  # (B, 2, 2, 2)
+    expected = {"value": net(x).detach(), "jacobian": loop_jacobian(net, x), "hessian": hess,
+                "hessian_diag": hess.diagonal(dim1=-2, dim2=-1), "laplacian": hess.diagonal(dim1=-2, dim2=-1).sum(-1)}
+    for name in ops:
+        assert_close(getattr(found, name), expected[name])
+
+
+def test_dims_per_quantity_cut_the_jacobian_too_and_refuse_what_cannot_share_a_pass():
+    net = mlp(3, 1, width=8).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    found = autojac.derivatives(net, x, ops=("jacobian", "hessian_diag"), dims={"jacobian": [1], "hessian_diag": [0]})
+    assert_close(found.jacobian, loop_jacobian(net, x)[..., [1]])
+    assert_close(found.hessian_diag, loop_hessian(net, x)[..., [0], :][..., [0]].diagonal(dim1=-2, dim2=-1))
+    with pytest.raises(ValueError, match="different coordinates"):
+        autojac.derivatives(net, x, ops=("hessian_diag", "laplacian"), dims={"hessian_diag": [0], "laplacian": [1]})
+    with pytest.raises(ValueError, match="dims names"):
+        autojac.derivatives(net, x, ops=("laplacian",), dims={"lap": [0]})
+    with pytest.raises(TypeError, match="only for autojac.derivatives"):
+        autojac.laplacian(net, x, dims={"laplacian": [0]})
+
+
+def test_a_pinn_residual_with_dims_per_quantity_trains_like_nested_autograd():
+    net = mlp(2, 1, width=8)
+    xt = torch.rand(16, 2)
+    d = autojac.derivatives(net, xt, ops=("value", "jacobian", "hessian_diag"), dims={"hessian_diag": [0]},
+                            create_graph=True)
+    residual = d.jacobian[:, 0, 1] + d.value[:, 0] * d.jacobian[:, 0, 0] - 0.01 * d.hessian_diag[:, 0, 0]
+    residual.square().mean().backward()
+    got = grads(net)
+    z = xt.clone().requires_grad_()
+    u = net(z)
+    (g,) = torch.autograd.grad(u.sum(), z, create_graph=True)
+    (gg,) = torch.autograd.grad(g[:, 0].sum(), z, create_graph=True)
+    reference = g[:, 1] + u[:, 0] * g[:, 0] - 0.01 * gg[:, 0]
+    reference.square().mean().backward()
+    assert_close(residual.detach(), reference.detach())
+    for a, b in zip(got, grads(net)):
+        assert_close(a, b)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -22,6 +22,7 @@ Quantity = Literal["value", "jacobian", "hessian_diag", "laplacian", "hessian"]
 Estimator = Literal["exact", "hutchinson"]
 Inputs = Union[Tensor, Sequence[Tensor]]
 Dims = Union[Sequence[int], Tensor, None]
+QuantityDims = Union[Sequence[int], Tensor, Mapping[str, Sequence[int]], None]
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def divergence(f: BatchedFn, x: Tensor, *, args: Sequence[Any] = (), in_dims: An
 
 
 def derivatives(f: BatchedFn, x: Tensor, ops: Sequence[Quantity] = ("value", "jacobian", "laplacian"), *,
-                args: Sequence[Any] = (), in_dims: Any = None, has_aux: bool = False, dims: Dims = None,
+                args: Sequence[Any] = (), in_dims: Any = None, has_aux: bool = False, dims: QuantityDims = None,
                 strategy: str = "auto", create_graph: bool = False, batch_independent: bool | None = None,
                 tune: bool | None = None) -> Derivatives:
     """Several derivatives of f at once, with one plan for the set: strategies that compute them
@@ -162,10 +163,15 @@ def derivatives(f: BatchedFn, x: Tensor, ops: Sequence[Quantity] = ("value", "ja
 
     Args:
         ops: any of "value", "jacobian", "hessian_diag", "laplacian", "hessian".
+        dims: coordinates for every quantity, as for `jacobian`; or per quantity, e.g.
+            {"hessian_diag": [0]}: the Jacobian over every coordinate (u_x, u_t), the second
+            derivatives over the ones given (u_xx), as a PINN residual needs them; the quantities
+            not named take every coordinate.
         The others as for `jacobian` (one input tensor).
 
     Returns:
-        A `Derivatives` with those fields set (the others None).
+        A `Derivatives` with those fields set (the others None); each derivative over its own
+        coordinates.
     """
     want = _checked_quantities(ops)
     found = _run("derivatives", f, x, None, args, in_dims, has_aux, dims, strategy, create_graph, batch_independent,
@@ -236,8 +242,7 @@ def _run(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], i
                 entry = default_planner().serve(f, glance)
                 if entry is not None:
                     call = calls.reduce(op, f, x, v, create_graph, args=args, in_dims=in_dims, has_aux=has_aux,
-                                        dims=dims, checked=True)
-                    call.problem.want = want
+                                        dims=dims, checked=True, want=want)
                     if v is not None or op == "hvp":
                         _check_direction(op, call.problem.v, call.problem.x)
                     return _finish(call, entry(call.problem))
@@ -322,9 +327,8 @@ def _prepare(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any
             "torch.func.vmap(torch.func.jacrev(f_one_sample)))")
     args = _normal(tuple(args)) if isinstance(args, (tuple, list)) else args
     call = calls.reduce(op, f, _normal(x), _normal(v), create_graph, args=args, in_dims=in_dims, has_aux=has_aux,
-                        dims=dims)
+                        dims=dims, want=want)
     problem = call.problem
-    problem.want = want
     _check_direction(op, problem.v, problem.x)
     info = describe(f)
     spec = ";".join(part for part in (call.spec, "ops=" + ",".join(want) if want else "") if part)

@@ -23,7 +23,7 @@ import contextlib
 import contextvars
 import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +107,8 @@ class Call:
 
 def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None, create_graph: bool, *,
            args: Sequence[Any] = (), in_dims: Any = None, has_aux: bool = False,
-           dims: Sequence[int] | Tensor | None = None, checked: bool = False) -> Call:
+           dims: Sequence[int] | Tensor | Mapping[str, Any] | None = None, checked: bool = False,
+           want: tuple[str, ...] = ()) -> Call:
     """The canonical problem of a call (see the module docstring); x is checked by check_x.
     `checked`: a call that looks like one checked before (the hot path): no checks again."""
     args = tuple(args) if checked else _checked_args(args)
@@ -138,12 +139,24 @@ def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None
         z, base = inputs[0], user
         shapes = []
 
+    jacobian_at: tuple[int, ...] | None = None
+    second_at: tuple[int, ...] | None = None
+    if isinstance(dims, Mapping):
+        dims, jacobian_at, second_at = _per_quantity(op, dims, want, math.prod(z.shape[1:]))
     if dims is not None:
         index = _index(tuple(dims.tolist() if isinstance(dims, Tensor) else dims), math.prod(z.shape[1:]), z.device)
         whole, inner = z, base
 
+        listed = index.tolist()
+        run = listed == list(range(listed[0], listed[-1] + 1))
+
         def chosen(w: Tensor, rest_x: Tensor, *rest: Any) -> Tensor:
-            flat = rest_x.reshape(rest_x.shape[0], -1).index_copy(1, index, w)
+            flat = rest_x.reshape(rest_x.shape[0], -1)
+            if run:  # a run of coordinates: a concatenation, which every strategy and the engine follow
+                flat = torch.cat([flat[:, : listed[0]], w, flat[:, listed[-1] + 1:]], dim=1)
+            else:
+                flat = flat.clone()
+                flat[:, index] = w
             return inner(flat.view(rest_x.shape), *rest)
 
         base = chosen
@@ -163,9 +176,57 @@ def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None
     bound = base
     f_batch: BatchedFn = (lambda w: bound(w, *all_args)) if all_args else bound
     problem = Problem(op, f_batch, z, v, create_graph, base=base if all_args else None, args=all_args,
-                      arg_dims=all_dims)
+                      arg_dims=all_dims, want=want, second_dims=second_at)
     unpack = _splitter(op, shapes) if several else _identity
+    if jacobian_at is not None:
+        unpack = _columns_of_jacobian(want, jacobian_at)
+    if second_at is not None or jacobian_at is not None:
+        parts.append(f"jacobian_at={jacobian_at};second_at={second_at}")
     return Call(problem, unpack, ";".join(parts), catcher, inputs if several else ())
+
+
+QUANTITIES_WITH_DIMS = ("jacobian", "hessian_diag", "laplacian", "hessian")
+
+
+def _per_quantity(op: str, dims: Mapping[str, Any], want: tuple[str, ...],
+                  n: int) -> tuple[list[int] | None, tuple[int, ...] | None, tuple[int, ...] | None]:
+    """dims given per quantity ({"hessian_diag": [0]}: the Jacobian over every coordinate, second
+    derivatives over space): the coordinates to differentiate w.r.t. (None: all), and where the
+    Jacobian's and the second order's coordinates sit among them (None: all of them, in order)."""
+    if op != "derivatives":
+        raise TypeError(f"dims maps quantities to coordinates only for autojac.derivatives; for {op}, give one "
+                        f"sequence of coordinates")
+    unknown = [k for k in dims if k not in QUANTITIES_WITH_DIMS]
+    if unknown:
+        raise ValueError(f"dims names {unknown}; it maps some of {', '.join(QUANTITIES_WITH_DIMS)} to coordinates")
+    chosen = {k: tuple(_checked_dims(v, n, torch.device("cpu")).tolist()) for k, v in dims.items()}
+    second = {chosen.get(q) for q in ("hessian_diag", "laplacian", "hessian") if q in want}
+    if len(second) > 1:
+        raise ValueError(f"dims gives the second-order quantities different coordinates ({dims!r}); they share one "
+                         f"pass: give them the same, or call derivatives once for each")
+    everything = tuple(range(n))
+    jacobian = chosen.get("jacobian", everything) if "jacobian" in want else ()
+    second_dims = next(iter(second)) if second else ()
+    second_dims = everything if second_dims is None else second_dims
+    union = list(dict.fromkeys([*jacobian, *second_dims]))
+    if not union:
+        union = list(everything)
+    at = {d: i for i, d in enumerate(union)}
+    whole = union == list(everything)
+    jacobian_at = tuple(at[d] for d in jacobian) if jacobian and tuple(jacobian) != tuple(union) else None
+    second_at = tuple(at[d] for d in second_dims) if second_dims and tuple(second_dims) != tuple(union) else None
+    return (None if whole else union), jacobian_at, second_at
+
+
+def _columns_of_jacobian(want: tuple[str, ...], columns: tuple[int, ...]) -> Callable[[Any], Any]:
+    """derivatives' results with the Jacobian cut to its own coordinates."""
+    position = want.index("jacobian")
+    index = list(columns)
+
+    def unpack(results: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return tuple(r[..., index] if i == position else r for i, r in enumerate(results))
+
+    return unpack
 
 
 def _identity(result: Any) -> Any:
@@ -276,7 +337,8 @@ def glance(args: Sequence[Any], in_dims: Any, has_aux: bool, dims: Any, x: Any) 
         shapes = tuple((a.shape, a.dtype, a.device) if isinstance(a, Tensor) else
                        (type(a), a if isinstance(a, (bool, str, int, type(None))) else None) for a in args)
         inputs = tuple((t.shape, t.dtype, t.device, t.layout) for t in x) if isinstance(x, (tuple, list)) else None
-        chosen = tuple(dims.tolist() if isinstance(dims, Tensor) else dims) if dims is not None else None
+        chosen = (None if dims is None else tuple(sorted((k, tuple(v)) for k, v in dims.items()))
+                  if isinstance(dims, Mapping) else tuple(dims.tolist() if isinstance(dims, Tensor) else dims))
         key = (shapes, in_dims if not isinstance(in_dims, list) else tuple(in_dims), has_aux, chosen, inputs)
         hash(key)
         return key

@@ -32,6 +32,7 @@ class Problem:
     args: tuple[Any, ...] = ()
     arg_dims: tuple[int | None, ...] = ()
     want: tuple[str, ...] = ()  # derivatives only: the quantities asked for, in models.DERIVATIVES' order
+    second_dims: tuple[int, ...] | None = None  # derivatives only: the input coordinates of the second order
 
     @property
     def batch(self) -> int:

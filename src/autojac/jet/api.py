@@ -372,9 +372,12 @@ def _check(f: Callable[[Tensor], Tensor], x: Tensor) -> str:
                 return f"f returned {y.shape[0]} rows for a batch of {sample.shape[0]}"
             return ""
         except Unsupported as error:
-            return str(error)
+            why = str(error)
+            if why.startswith("no rule for"):  # the same on any batch
+                return why
         except Exception as error:  # f itself failed on this slice; try the whole batch
             why = f"f raised {type(error).__name__} under the engine: {error}"
+        # otherwise f may need its whole batch (it holds per-sample tensors, or has per-sample arguments)
     return why
 
 

@@ -111,6 +111,21 @@ def _materialized_rows(start: int, stop: int, shape: tuple[int, ...], batch: int
         return rows.unsqueeze(1).expand(stop - start, batch, *shape).contiguous()
 
 
+def chosen_seeds(directions: tuple[int, ...], shape: tuple[int, ...], batch: int, like: Tensor) -> Tensor:
+    """Basis vectors e_d of a per-sample space of `shape`, for d in `directions` (flat indices), the
+    same for every sample: (k, B, *shape). Cached: never write into it."""
+    return _chosen_seeds(tuple(directions), tuple(shape), batch, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _chosen_seeds(directions: tuple[int, ...], shape: tuple[int, ...], batch: int, dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        rows = torch.zeros(len(directions), math.prod(shape), dtype=dtype, device=device)
+        rows[torch.arange(len(directions), device=device), torch.tensor(directions, device=device)] = 1
+        return rows.view(len(directions), 1, *shape).expand(len(directions), batch, *shape).contiguous()
+
+
 def row_seeds(shape: tuple[int, ...], batch: int, like: Tensor) -> tuple[Tensor, ...]:
     """broadcast_rows for every row, one seed at a time: m seeds (B, *shape) for a loop of backward
     passes over the output coordinates. Cached."""

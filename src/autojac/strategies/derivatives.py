@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.func import jacfwd, jacrev
 
 from ..problem import Problem, Sizes, result_shape
-from .basis import grad_input, joined, ones_seed, per_sample, row_seeds, spans, vjp_of
+from .basis import batched_grad, chosen_seeds, grad_input, joined, ones_seed, per_sample, row_seeds, spans, vjp_of
 from .curvature import diagonal_of, double_pass_memory, input_basis_rows
 from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
 
@@ -40,7 +40,13 @@ def _nested(p: Problem, chunk: int | None) -> tuple[Tensor, ...]:
         last = len(seeds) - 1
         grads = [vjp_of(y, x, seed, retain=bool(second) or k < last, create_graph=graph) for k, seed in enumerate(seeds)]
         found["jacobian"] = torch.stack(grads, 1).view(batch, *out_shape, *p.in_shape)
-        if second:
+        if second and p.second_dims is not None:  # rows along the chosen directions only
+            rows = [_chosen_rows(g, x, p.second_dims, chunk, p.create_graph) for g in grads]  # each (k, B, n)
+            chosen = torch.stack(rows)[..., list(p.second_dims)]  # (m, k, B, k)
+            found["hessian"] = chosen.movedim(2, 0).reshape(batch, *out_shape, *chosen.shape[1:2], chosen.shape[-1])
+            found["hessian_diag"] = found["hessian"].diagonal(dim1=-2, dim2=-1)
+            found["laplacian"] = found["hessian_diag"].sum(-1)
+        elif second:
             rows = [joined([input_basis_rows(g, x, start, stop, p.create_graph) for start, stop in spans(p.n, chunk)])
                     for g in grads]  # each (n, B, *in)
             hessian = torch.stack(rows).view(*out_shape, *p.in_shape, *x.shape)  # (*out, *in, B, *in)
@@ -48,9 +54,30 @@ def _nested(p: Problem, chunk: int | None) -> tuple[Tensor, ...]:
     return _ordered(found, p, out_shape)
 
 
+def _chosen_rows(grad: Tensor, x: Tensor, directions: tuple[int, ...], chunk: int | None,
+                 create_graph: bool) -> Tensor:
+    """Rows of every sample's Hessian of one output element along the chosen input directions, from
+    its differentiable per-sample gradient (B, *in): (k, B, n), `chunk` directions per pass."""
+    batch, n = grad.shape[0], grad[0].numel()
+    if not grad.requires_grad:
+        return x.new_zeros(len(directions), batch, n)
+    pieces = []
+    for start, stop in spans(len(directions), chunk):
+        seeds = chosen_seeds(directions[start:stop], tuple(grad.shape[1:]), batch, x)
+        pieces.append(batched_grad(grad, x, seeds, create_graph).reshape(stop - start, batch, n))
+    return joined(pieces)
+
+
 def _second_from(found: dict[str, Tensor], p: Problem, hessian: Tensor) -> None:
     """Fill what p.want asks of the second order from the whole per-sample Hessians
-    (B, *out, *in, *in)."""
+    (B, *out, *in, *in) (cut to p.second_dims, flattened, where they were chosen)."""
+    if p.second_dims is not None:
+        n, index = p.n, list(p.second_dims)
+        square = hessian.reshape(*hessian.shape[: hessian.dim() - 2 * len(p.in_shape)], n, n)
+        found["hessian"] = square[..., index, :][..., index]
+        found["hessian_diag"] = found["hessian"].diagonal(dim1=-2, dim2=-1)
+        found["laplacian"] = found["hessian_diag"].sum(-1)
+        return
     if "hessian" in p.want:
         found["hessian"] = hessian
     if "hessian_diag" in p.want or "laplacian" in p.want:
@@ -61,8 +88,10 @@ def _second_from(found: dict[str, Tensor], p: Problem, hessian: Tensor) -> None:
 
 def _ordered(found: dict[str, Tensor], p: Problem, out_shape: tuple[int, ...]) -> tuple[Tensor, ...]:
     """The asked quantities in order; zeros for those f's graph does not reach (f ignores x)."""
-    return tuple(found[q] if q in found else p.x.new_zeros(result_shape(q, p.batch, out_shape, p.in_shape))
-                 for q in p.want)
+    second_shape = p.in_shape if p.second_dims is None else (len(p.second_dims),)
+    return tuple(found[q] if q in found else p.x.new_zeros(
+        result_shape(q, p.batch, out_shape, p.in_shape if q in ("value", "jacobian") else second_shape))
+        for q in p.want)
 
 
 def _vmap(p: Problem, chunk: int | None) -> tuple[Tensor, ...]:

@@ -161,7 +161,22 @@ def _derivatives(p: Problem, chunk: int | None) -> tuple[Tensor, ...]:
     asked = set(p.want)
     kind = next((q for q in ("hessian", "hessian_diag", "laplacian") if q in asked), None)
     ops = [q for q in ("value", "jacobian") if q in asked] + ([kind] if kind else [])
+    if p.second_dims is not None and kind in ("hessian_diag", "laplacian"):
+        kind = "hessian_diag"  # the chosen directions' entries, summed below where the Laplacian is asked
+        ops = [q for q in ops if q != "laplacian"] + (["hessian_diag"] if "hessian_diag" not in ops else [])
     found = api.derivatives(p.f, p.x, ops, chunk=None if kind == "hessian" else chunk)
+    if p.second_dims is not None:
+        index = list(p.second_dims)
+        if "hessian" in found:
+            hessian = found["hessian"]
+            square = hessian.reshape(*hessian.shape[: hessian.dim() - 2 * len(p.in_shape)], p.n, p.n)
+            found["hessian"] = square[..., index, :][..., index]
+            found["hessian_diag"] = found["hessian"].diagonal(dim1=-2, dim2=-1)
+        else:
+            diag = found["hessian_diag"]
+            found["hessian_diag"] = diag.reshape(*diag.shape[: diag.dim() - len(p.in_shape)], p.n)[..., index]
+        found["laplacian"] = found["hessian_diag"].sum(-1)
+        return tuple(found[q] for q in p.want)
     if kind == "hessian" and asked & {"hessian_diag", "laplacian"}:
         found["hessian_diag"] = diagonal_of(found["hessian"], p.in_shape)
     if "laplacian" in asked and "laplacian" not in found:
