@@ -1,0 +1,425 @@
+"""An adversarial review of planning, serving and trust (review2): each test is a bug found by
+trying a real user pattern, and asserts the behaviour the README promises. References are
+independent of autojac: the diagonal blocks of the whole-batch Jacobian from
+torch.autograd.functional (exact whether f mixes samples or not), or a per-sample loop of it.
+
+Work counts (tunings, re-checks of batch independence) are taken by wrapping autojac's own
+functions; no test asserts a timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import autojac
+from autojac import planner as planner_module
+from autojac.signature import describe
+
+from helpers import assert_right, diagonal_blocks, loop_jacobian, mlp, relative_error
+
+ALLOWED = 1e-4  # relative error of a float32 Jacobian against the reference
+
+
+@pytest.fixture
+def tunings(caplog):
+    """How many plans were tuned so far (the planner's INFO "tuned ..." records)."""
+    caplog.set_level(logging.INFO, logger="autojac")
+    return lambda: sum(1 for r in caplog.records if r.name == "autojac" and str(r.msg).startswith("tuned"))
+
+
+@pytest.fixture
+def checks(monkeypatch):
+    """How many re-checks of batch independence served calls ran so far (probes.quick_coupling)."""
+    count = [0]
+    real = planner_module.quick_coupling
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(planner_module, "quick_coupling", counted)
+    return lambda: count[0]
+
+
+# =================================================================================================
+# Wrapping nn.Module.__setattr__ must not break the caller's program
+# =================================================================================================
+
+class EqualByType(nn.Module):
+    """A module class that defines __eq__ (so Python sets its __hash__ to None), as some
+    libraries' modules do."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+    def __eq__(self, other):
+        return type(other) is type(self)
+
+
+def test_a_module_class_defining_eq_can_be_built_and_differentiated_after_autojac_ran():
+    torch.manual_seed(0)
+    autojac.jacobian(mlp(3, 2, width=4), torch.randn(4, 3))  # autojac is now installed in the process
+    model = EqualByType()  # TypeError: unhashable type: 'EqualByType' (the __setattr__ wrapper hashes self)
+    x = torch.randn(4, 3)
+    assert_right(autojac.jacobian(model, x), loop_jacobian(model, x), "jacobian of a module defining __eq__")
+
+
+class Stasher(nn.Module):
+    """Keeps its last activation on an attribute (for a loss term, a visualisation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.last = None
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        self.last = h.detach()
+        return h
+
+
+def test_torch_compile_fullgraph_of_a_planned_module_that_stashes_a_tensor():
+    torch.manual_seed(0)
+    model, x = Stasher(), torch.randn(4, 3)
+    autojac.jacobian(model, x)  # the model is now watched
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    try:
+        y = compiled(x)  # Unsupported: dynamo cannot trace sys._getframe in autojac's __setattr__ wrapper
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(y, torch.tanh(model.lin(x)))
+
+
+# =================================================================================================
+# Batch independence re-checked as a process runs: whatever object the caller passes as f
+# =================================================================================================
+
+class Gate(nn.Module):
+    """A learned gate on a batch-mean term: zero when planned (batch-independent), then not."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return h + self.gate * h.mean(0, keepdim=True)
+
+
+class Holder:
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x):
+        return self.model(x)
+
+
+@dataclasses.dataclass(slots=True)
+class SlotsHolder:
+    """A callable with __slots__: not weakly referenceable, no __dict__."""
+
+    model: nn.Module
+
+    def __call__(self, x):
+        return self.model(x)
+
+
+WRAPPERS = {
+    "lambda-made-each-step": lambda model: (lambda x: model(x)),
+    "partial-made-each-step": lambda model: functools.partial(Gate.forward, model),
+    "holder-made-each-step": Holder,
+    "slots-holder-kept": lambda model, kept={}: kept.setdefault(id(model), SlotsHolder(model)),
+}
+
+
+@pytest.mark.parametrize("wrap", WRAPPERS)
+def test_coupling_that_appears_is_caught_whatever_wraps_the_model(wrap):
+    """The README: coupling that appears as weights train is caught at calls 16, 32, ... of a served
+    plan. The count lives on the entry of one f object, so an f made anew at every step (a lambda
+    around the model, a partial, a small callable) or one that cannot be held weakly is never
+    re-checked: every call after the gate opens is wrong."""
+    torch.manual_seed(0)
+    model, x = Gate(), torch.randn(6, 3)
+    make = WRAPPERS[wrap]
+    assert_right(autojac.jacobian(make(model), x), diagonal_blocks(model, x), "before the coupling appears")
+    with torch.no_grad():
+        model.gate.fill_(0.7)
+    expected = diagonal_blocks(model, x)
+    errors = [relative_error(autojac.jacobian(make(model), x), expected) for _ in range(80)]
+    right = [e <= ALLOWED for e in errors]
+    assert any(right[:64]), (f"{wrap}: coupling that appeared after planning is still unseen after 64 calls "
+                             f"(relative error {errors[63]:.3g}; {sum(not r for r in right)} of 80 calls wrong)")
+    first = right.index(True)
+    assert all(right[first:]), f"{wrap}: right at call {first + 1}, wrong again later"
+
+
+def test_a_model_held_by_a_slots_object_is_seen_switching_to_training_mode():
+    """The README: the signature holds the training flags of the modules f reaches, and f's
+    attributes (a callable object's) are walked. A __slots__ object's attributes are not: its model
+    is invisible, so .train() (BatchNorm now mixes samples) reuses the eval-mode plan."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).eval()
+    f, x = SlotsHolder(model), torch.randn(6, 3)
+    assert_right(autojac.jacobian(f, x), diagonal_blocks(model, x), "eval mode")
+    model.train()
+    expected = diagonal_blocks(model, x)  # BatchNorm in training mode: each sample moves the others
+    assert_right(autojac.jacobian(f, x), expected, "the call after model.train()")
+
+
+# =================================================================================================
+# A plan served after f changed in a way its key leaves out: only batch independence is re-checked
+# =================================================================================================
+
+FREEZE = 0  # an int read at call time: data for the key (a step, a phase), by design
+
+
+def _phased(net):
+    def f(x):
+        if FREEZE:  # from this phase on, the scale is a constant (no gradient through it)
+            with torch.no_grad():
+                scale = x.norm(dim=1, keepdim=True)
+            return net(x / scale)
+        return net(x)
+    return f
+
+
+def test_a_forward_mode_plan_is_not_served_once_f_enters_a_no_grad_block():
+    """Forward mode (sum_fwd, the engine) ignores torch.no_grad(); the project's reference is reverse
+    mode, and plans made without tuning are cross-checked once for exactly this. After a number
+    that the key leaves out moves f into such a block, the plan (2 -> 32: forward mode) is served on,
+    and only batch independence is checked again: the Jacobian is off by 100%."""
+    global FREEZE
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32))
+    f, x = _phased(net), torch.randn(16, 2)
+    try:
+        for _ in range(3):
+            assert_right(autojac.jacobian(f, x, tune=False), loop_jacobian(f, x), "before the phase change")
+        FREEZE = 1
+        expected = loop_jacobian(f, x)
+        for call in range(3):
+            assert_right(autojac.jacobian(f, x, tune=False), expected, f"call {call + 1} after the phase change")
+    finally:
+        FREEZE = 0
+
+
+def test_a_torch_class_forward_patched_at_the_class_level_is_noticed():
+    """User classes' methods are guarded; torch's own are not: patching nn.Tanh.forward (as
+    activation-swapping and LoRA-style tools do) serves the old plan for 15 more calls."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(3, 3), nn.Tanh()), torch.randn(5, 3)
+    for _ in range(3):
+        autojac.jacobian(model, x)
+    original = nn.Tanh.forward
+    nn.Tanh.forward = lambda self, h: torch.tanh(h - h.mean(0))  # now mixes samples
+    try:
+        expected = diagonal_blocks(model, x)
+        assert_right(autojac.jacobian(model, x), expected, "the call after nn.Tanh.forward was patched")
+    finally:
+        nn.Tanh.forward = original
+
+
+# =================================================================================================
+# Needless work on served calls
+# =================================================================================================
+
+STEP = 0
+
+
+def _stepped(net):
+    def f(x):
+        return net(x) * (1.0 + 0.0 * STEP)  # a step counter read at call time (README: no new plan)
+    return f
+
+
+class CountingCallable:
+    def __init__(self, net):
+        self.net = net
+        self.calls = 0
+
+    def __call__(self, x):
+        self.calls += 1  # an NFE counter, as ODE users keep
+        return self.net(x)
+
+
+class ShapeStasher(nn.Module):
+    """Records the shape of its last input (not a tensor: a torch.Size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.seen = None
+
+    def forward(self, x):
+        self.seen = x.shape
+        return self.lin(x)
+
+
+def _train_each_step(net, x, state):
+    net.train()  # already in training mode: the standard training-loop idiom
+    return autojac.jacobian(net, x)
+
+
+def _global_step(net, x, state):
+    global STEP
+    STEP += 1000
+    return autojac.jacobian(state.setdefault("f", _stepped(net)), x)
+
+
+def _counting_callable(net, x, state):
+    return autojac.jacobian(state.setdefault("f", CountingCallable(net)), x)
+
+
+def _other_module_runs(net, x, state):
+    state["other"](torch.randn(2, 3))  # another module of the program, run in between
+    return autojac.jacobian(net, x)
+
+
+LOOPS = {
+    "model.train()-each-step": _train_each_step,
+    "global-step-counter": _global_step,
+    "callable-counting-its-calls": _counting_callable,
+    "another-module-records-its-input-shape": _other_module_runs,
+}
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_served_plan_is_not_rechecked_at_every_call(loop, checks):
+    """Batch independence is re-checked at calls 16, 32, ... (about two calls' cost each). A guard that
+    fails without the fingerprint changing schedules a check on the next call, so these loops check
+    at every call: each served call costs 3-5x what it should."""
+    global STEP
+    torch.manual_seed(0)
+    net, x = mlp(3, 3, width=8), torch.randn(8, 3)
+    other = ShapeStasher()
+    autojac.jacobian(other, torch.randn(2, 3))  # planned for once, so autojac watches it
+    state = {"other": other}
+    step = LOOPS[loop]
+    try:
+        for _ in range(3):
+            step(net, x, state)
+        before = checks()
+        for _ in range(40):
+            step(net, x, state)
+        done = checks() - before
+    finally:
+        STEP = 0
+    assert done <= 4, f"{loop}: {done} re-checks of batch independence in 40 served calls (scheduled: 2)"
+
+
+def test_a_module_whose_stash_starts_as_none_is_tuned_once(tunings):
+    """`self.last = None` in __init__, a tensor after the first forward: None is a switch in the
+    fingerprint, a tensor is data, so the first re-description (any model.train()) tunes again."""
+    torch.manual_seed(0)
+    model, x = Stasher(), torch.randn(6, 3)
+    autojac.jacobian(model, x)
+    model.train()
+    autojac.jacobian(model, x)
+    assert tunings() == 1, f"{tunings()} tunings for one model whose stashed activation went from None to a tensor"
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.act(self.lin(x))
+
+    def act(self, h):
+        return torch.tanh(h)
+
+
+def test_the_hot_path_guards_do_not_grow_with_instances_of_one_class():
+    """Each served call compares every guard; a user class's methods are guarded once per instance,
+    so a 128-block model of one class has 516 guards (66 us a call) where 2 blocks have 12."""
+    small = nn.Sequential(*[Block() for _ in range(2)])
+    large = nn.Sequential(*[Block() for _ in range(128)])
+    guards = {name: len(describe(model).guards.slots) for name, model in (("2", small), ("128", large))}
+    assert guards["128"] == guards["2"], f"guards per served call: {guards} (blocks of one class)"
+
+
+def _seed_bytes() -> int:
+    """Bytes of tensor storage alive in the process."""
+    gc.collect()
+    seen, total = set(), 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and not obj.is_meta:
+                try:
+                    storage = obj.untyped_storage()
+                except (RuntimeError, NotImplementedError):
+                    continue
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+    return total
+
+
+def test_a_server_with_varying_batch_sizes_does_not_keep_seeds_for_each():
+    """Seeds are cached per batch size (up to 2 MB each, 256 of them; up to 16 MB for bases): a server
+    answering batches of 1..128 keeps 129 MB after the requests are gone (GPU memory on CUDA)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 64))
+    before = _seed_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for batch in range(1, 129):
+            autojac.jacobian(net, torch.randn(batch, 8), strategy="sum_grad")
+    held = _seed_bytes() - before
+    assert held <= 32 * 2**20, f"{held / 2**20:.0f} MB of tensors held after serving batch sizes 1..128"
+
+
+# =================================================================================================
+# The cache directory followed mid-process (issue 12, item 6)
+# =================================================================================================
+
+def test_warm_writes_to_the_cache_directory_the_environment_names_now(monkeypatch, tmp_path):
+    """A CI job warming for two targets in one process: the second directory gets nothing, since the
+    plan is found in memory and never written there."""
+    torch.manual_seed(0)
+    model, x = mlp(4, 3, width=8), torch.randn(16, 4)
+    monkeypatch.setenv("AUTOJAC_CACHE_DIR", str(tmp_path / "first"))
+    autojac.warm(model, x, ops=("jacobian",))
+    assert len(autojac.plans()) == 1
+    monkeypatch.setenv("AUTOJAC_CACHE_DIR", str(tmp_path / "second"))
+    made = autojac.warm(model, x, ops=("jacobian",))
+    assert len(made) == 1
+    stored = autojac.plans()
+    assert [p.key for p in stored] == [made[0].key], (
+        f"after autojac.warm with AUTOJAC_CACHE_DIR={tmp_path / 'second'}, plans() lists {len(stored)} plans")
+    assert autojac.export_plans(tmp_path / "out.json") == 1
+
+
+# =================================================================================================
+# The engine on what it cannot see into
+# =================================================================================================
+
+def test_the_engine_on_a_scripted_module_is_right_or_refused():
+    """torch.jit.script runs forward in C++: the engine sees no operation and returns zeros, while
+    its check says it can follow f (caught later by the cross-check, with a warning)."""
+    torch.manual_seed(0)
+    scripted = torch.jit.script(mlp(4, 3, width=8))
+    x = torch.randn(6, 4)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = autojac.jacobian(scripted, x, strategy="jet_jacobian_rev")
+    except ValueError as error:
+        assert "does not apply" in str(error)
+        return
+    assert_right(got, loop_jacobian(scripted, x), "jet_jacobian_rev on a torch.jit.script module")
