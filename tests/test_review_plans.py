@@ -232,6 +232,41 @@ def test_a_torch_class_forward_patched_at_the_class_level_is_noticed():
         nn.Tanh.forward = original
 
 
+class _Config:
+    mode = "plain"
+
+
+CONFIG = _Config()
+
+
+def _configured(net):
+    def f(x):
+        if CONFIG.mode == "center":  # a switch on a config object: part of the key (README)
+            x = x - x.mean(0)
+        return net(x)
+    return f
+
+
+def test_a_switch_rebound_twice_between_calls_is_noticed():
+    """Guards compare the identity (id) of what a slot held, without keeping it alive: a sweep that
+    sets the switch from text twice between two calls can put the new string where the old one was,
+    and the description (and the plan of the old mode) is kept."""
+    torch.manual_seed(0)
+    net, x = mlp(3, 3, width=8), torch.randn(5, 3)
+    f = _configured(net)
+    CONFIG.mode = "".join(["pla", "in"])  # read from a file or the command line, say
+    try:
+        assert_right(autojac.jacobian(f, x), diagonal_blocks(f, x), "mode plain")
+        old = id(CONFIG.mode)
+        CONFIG.mode = "".join(["xx", "yy"])
+        CONFIG.mode = "".join(["cen", "ter"])
+        if id(CONFIG.mode) != old:
+            pytest.skip("this interpreter did not reuse the address of the old string")
+        assert_right(autojac.jacobian(f, x), diagonal_blocks(f, x), "the call after the mode became 'center'")
+    finally:
+        CONFIG.mode = "plain"
+
+
 # =================================================================================================
 # Needless work on served calls
 # =================================================================================================
@@ -331,6 +366,40 @@ def test_a_module_whose_stash_starts_as_none_is_tuned_once(tunings):
     assert tunings() == 1, f"{tunings()} tunings for one model whose stashed activation went from None to a tensor"
 
 
+def _diffusion_score():
+    torch.manual_seed(0)
+    net = mlp(3, 2, width=8)
+
+    def score(x, t):  # t an integer timestep, as diffusion samplers count them
+        return net(torch.cat([x, torch.full((x.shape[0], 1), t / 1000.0)], 1))
+
+    return score, torch.randn(8, 2)
+
+
+def test_an_integer_timestep_passed_through_args_tunes_once(tunings):
+    """The README: values passed through args are not part of the key, "so an ODE time that changes
+    at every solver stage never makes a new plan". An int's value is (calls._arg_text): a tuning and
+    a stored plan per timestep."""
+    score, x = _diffusion_score()
+    for t in (999, 998, 997, 996):
+        assert_right(autojac.jacobian(score, x, args=(t,)), loop_jacobian(lambda z: score(z, t), x), f"t={t}")
+    assert tunings() == 1, f"{tunings()} tunings for 4 integer timesteps passed through args (expected 1)"
+
+
+def test_an_integer_timestep_captured_by_a_sampler_closure_tunes_once(tunings):
+    """Issue 12, item 5: numbers captured by closures are not part of the key. Ints are (as "a dim, a
+    size"), so a sampler's `lambda z: score(z, t)` over integer timesteps tunes at every step."""
+    score, x = _diffusion_score()
+
+    def sample(steps):
+        for t in range(999, 999 - steps, -1):
+            rhs = lambda z: score(z, t)  # noqa: E731 - what a sampler hands autojac
+            assert_right(autojac.jacobian(rhs, x), loop_jacobian(rhs, x), f"t={t}")
+
+    sample(4)
+    assert tunings() == 1, f"{tunings()} tunings for 4 integer timesteps captured by a closure (expected 1)"
+
+
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
@@ -423,3 +492,47 @@ def test_the_engine_on_a_scripted_module_is_right_or_refused():
         assert "does not apply" in str(error)
         return
     assert_right(got, loop_jacobian(scripted, x), "jet_jacobian_rev on a torch.jit.script module")
+
+
+# =================================================================================================
+# Two threads on one f
+# =================================================================================================
+
+def test_other_threads_are_not_served_a_plan_known_to_be_stale_while_it_is_made_again(monkeypatch):
+    """Thread A's scheduled re-check finds that f mixes samples now and makes a new plan (a tuning:
+    0.2-1 s). Meanwhile the entry still serves the old batch-independent strategy, so every call on
+    the other threads in that window is wrong (60 of 60 calls on one of four threads, in a run)."""
+    import threading
+
+    torch.manual_seed(0)
+    model, x = Gate(), torch.randn(6, 3)
+    autojac.jacobian(model, x)
+    with torch.no_grad():
+        model.gate.fill_(0.7)
+    expected = diagonal_blocks(model, x)
+    replanning, release = threading.Event(), threading.Event()
+    real = planner_module.Planner.plan
+
+    def slow_plan(self, sig, problem, **options):
+        if options.get("again"):  # the re-check found coupling: hold the new plan back a while
+            replanning.set()
+            release.wait(2)  # a fix that makes other threads wait costs this test 2 s at most
+        return real(self, sig, problem, **options)
+
+    monkeypatch.setattr(planner_module.Planner, "plan", slow_plan)
+
+    def calls_until_a_recheck():
+        for _ in range(40):
+            autojac.jacobian(model, x)
+            if replanning.is_set():
+                return
+
+    other = threading.Thread(target=calls_until_a_recheck)
+    other.start()
+    try:
+        assert replanning.wait(30), "no re-check of batch independence within 40 calls"
+        got = autojac.jacobian(model, x)  # this thread, while the other makes the new plan
+    finally:
+        release.set()
+        other.join(30)
+    assert_right(got, expected, "a call on another thread while the stale plan is being replaced")
