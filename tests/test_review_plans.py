@@ -22,6 +22,7 @@ from torch import nn
 import autojac
 from autojac import planner as planner_module
 from autojac.signature import describe
+from autojac.timing import Clock
 
 from helpers import assert_right, diagonal_blocks, loop_jacobian, mlp, relative_error
 
@@ -536,3 +537,57 @@ def test_other_threads_are_not_served_a_plan_known_to_be_stale_while_it_is_made_
         release.set()
         other.join(30)
     assert_right(got, expected, "a call on another thread while the stale plan is being replaced")
+
+
+# =================================================================================================
+# explain() and plans()
+# =================================================================================================
+
+def test_plans_with_and_without_the_batch_independent_assertion_are_told_apart():
+    """The README: a plan's header names the call's options where they differ from the defaults, so
+    that the plans of one model are told apart. batch_independent=True is part of the key but of no
+    plan field: `autojac plans` and explain() show two identical rows (with different strategies)."""
+    torch.manual_seed(0)
+    net, x = mlp(3, 1, width=8), torch.randn(16, 3)
+    autojac.jacobian(net, x)
+    autojac.jacobian(net, x, batch_independent=True)
+    listed = [plan for plan in autojac.plans() if plan.op == "jacobian"]
+    assert len(listed) == 2
+    assert listed[0].options_text() != listed[1].options_text(), (
+        f"two jacobian plans for one model and shape, listed alike: {[p.options_text() for p in listed]}")
+    header = autojac.explain(net, x, batch_independent=True).summary().splitlines()[0]
+    assert "batch_independent" in header, header
+
+
+def test_a_tuning_warns_once_per_candidate_it_excludes():
+    """tuner._majority warns about every disagreeing candidate each time it is asked, and the
+    confirmation of the winner asks up to 2x the pool's size times: one excluded candidate, two
+    warnings here; 15 warnings (3 per candidate) for one real autojac.laplacian of an f with a
+    torch.no_grad() block."""
+    import collections
+
+    from autojac.strategies.registry import Strategy
+    from autojac.timing import TuneSettings
+    from autojac.tuner import Candidate, choose
+
+    class Manual(Clock):
+        t = 0.0
+
+        def now(self) -> float:
+            return self.t
+
+    clock, answer = Manual(), torch.arange(6.0).view(2, 3)
+    costs = {"bad": 1.0, "a": 1.0, "b": 1.02}
+
+    def run(candidate):
+        clock.t += costs[candidate.label]
+        return answer + 1 if candidate.label == "bad" else answer
+
+    pool = [Candidate(Strategy(name=name, ops=frozenset({"jacobian"}), run=None, memory=lambda s, c: 0), None, 0, rank)
+            for rank, name in enumerate(costs)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outcome = choose(pool, run, clock=clock, settings=TuneSettings(budget=5.0), tune=True)
+    assert outcome.winner.label == "a" and "bad" in outcome.excluded
+    warned = collections.Counter(str(w.message).split(" excluded")[0] for w in caught)
+    assert all(count == 1 for count in warned.values()), f"warnings per excluded candidate: {dict(warned)}"
