@@ -180,6 +180,39 @@ def test_a_model_held_by_a_slots_object_is_seen_switching_to_training_mode():
     assert_right(autojac.jacobian(f, x), expected, "the call after model.train()")
 
 
+def test_coupling_found_under_autojac_require_plan_does_not_crash_the_served_call(monkeypatch):
+    """Production mode: plans warmed, AUTOJAC_REQUIRE_PLAN=1. When the scheduled re-check finds that f
+    mixes samples now, making the new plan is refused and the served call raises PlanRequiredError
+    ("no stored plan for ...", though one is stored) at call 16, instead of serving an exact strategy."""
+    torch.manual_seed(0)
+    model, x = Gate(), torch.randn(6, 3)
+    autojac.warm(model, x, ops=("jacobian",))
+    monkeypatch.setenv("AUTOJAC_REQUIRE_PLAN", "1")
+    autojac.jacobian(model, x)
+    with torch.no_grad():
+        model.gate.fill_(0.7)
+    expected = diagonal_blocks(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        errors = [relative_error(autojac.jacobian(model, x), expected) for _ in range(40)]
+    assert errors[-1] <= ALLOWED, f"still wrong after 40 calls: relative error {errors[-1]:.3g}"
+
+
+def test_a_served_call_with_tune_false_never_benchmarks_even_when_a_recheck_replans(tunings):
+    """tune=False "never benchmarks" (README); the re-check's new plan follows AUTOJAC_TUNE instead of
+    the call's tune=False and tunes in the middle of a served call."""
+    torch.manual_seed(0)
+    model, x = Gate(), torch.randn(6, 3)
+    autojac.jacobian(model, x, tune=False)
+    with torch.no_grad():
+        model.gate.fill_(0.7)
+    expected = diagonal_blocks(model, x)
+    for _ in range(40):
+        got = autojac.jacobian(model, x, tune=False)
+    assert_right(got, expected, "40 calls after the coupling appeared")
+    assert tunings() == 0, f"{tunings()} tunings for calls with tune=False"
+
+
 # =================================================================================================
 # A plan served after f changed in a way its key leaves out: only batch independence is re-checked
 # =================================================================================================
