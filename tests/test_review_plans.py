@@ -213,6 +213,24 @@ def test_a_served_call_with_tune_false_never_benchmarks_even_when_a_recheck_repl
     assert tunings() == 0, f"{tunings()} tunings for calls with tune=False"
 
 
+def test_once_coupling_is_found_no_entry_of_that_signature_serves_the_old_plan():
+    """The re-check that finds coupling rebinds its own entry only. Another entry of the same
+    signature (the same model called with tune=False, an evaluation call) serves the old plan until
+    its own schedule comes round (14 more wrong calls here; up to 4096 for an entry called often),
+    while explain() already names the new plan."""
+    torch.manual_seed(0)
+    model, x = Gate(), torch.randn(6, 3)
+    autojac.jacobian(model, x)
+    autojac.jacobian(model, x, tune=False)  # another call shape of the same signature
+    with torch.no_grad():
+        model.gate.fill_(0.7)
+    expected = diagonal_blocks(model, x)
+    for _ in range(40):
+        autojac.jacobian(model, x)
+    assert not autojac.explain(model, x).batch_independent  # the planner knows f mixes samples now
+    assert_right(autojac.jacobian(model, x, tune=False), expected, "the other entry's next call")
+
+
 # =================================================================================================
 # A plan served after f changed in a way its key leaves out: only batch independence is re-checked
 # =================================================================================================
