@@ -473,6 +473,43 @@ def test_the_hot_path_guards_do_not_grow_with_instances_of_one_class():
     assert guards["128"] == guards["2"], f"guards per served call: {guards} (blocks of one class)"
 
 
+class _Settings:
+    pass
+
+
+class Solver:
+    """A callable holding its model and a settings object that points back at it (a parent
+    pointer, as solver/problem or trainer/model pairs keep)."""
+
+    def __init__(self):
+        self.net = mlp(3, 1, width=8)
+        self.settings = _Settings()
+        self.settings.solver = self
+
+    def __call__(self, x):
+        return self.net(x)
+
+    def residual(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("how", ["object", "bound-method"])
+def test_a_solver_with_a_back_reference_is_freed_after_use(how):
+    """f's description guards the attribute dicts it walked; one of them holds f's own object (the
+    back-reference), and the description is kept in a table by f: the object, its model and
+    whatever it holds are never freed (a sweep making a solver per run grows without bound)."""
+    import weakref
+
+    torch.manual_seed(0)
+    solver = Solver()
+    f = solver if how == "object" else solver.residual
+    autojac.jacobian(f, torch.randn(8, 3))
+    alive = weakref.ref(solver)
+    del solver, f
+    gc.collect()
+    assert alive() is None, "the solver (and its model) outlives every reference of the caller's"
+
+
 def _seed_bytes() -> int:
     """Bytes of tensor storage alive in the process."""
     gc.collect()
