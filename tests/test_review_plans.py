@@ -407,6 +407,24 @@ def test_a_served_plan_is_not_rechecked_at_every_call(loop, checks):
     assert done <= 4, f"{loop}: {done} re-checks of batch independence in 40 served calls (scheduled: 2)"
 
 
+def test_a_lambda_made_at_every_step_is_served_without_describing_f_again(monkeypatch):
+    """`autojac.jacobian(lambda z: model(z), x)` in a loop: each new lambda misses the table kept per f
+    object, so every call walks and fingerprints f (and the model) again: 1.9x a served call on a
+    3-layer MLP at B=16 (529 us against 274 us), though code and captures are the same."""
+    from autojac import signature as signature_module
+
+    torch.manual_seed(0)
+    net, x = mlp(4, 4, width=16), torch.randn(16, 4)
+    for _ in range(3):
+        autojac.jacobian(lambda z: net(z), x)
+    walks = []
+    real = signature_module._walk
+    monkeypatch.setattr(signature_module, "_walk", lambda f: walks.append(f) or real(f))
+    for _ in range(20):
+        autojac.jacobian(lambda z: net(z), x)
+    assert len(walks) <= 2, f"f described {len(walks)} times in 20 calls of one lambda expression over one model"
+
+
 def test_a_module_whose_stash_starts_as_none_is_tuned_once(tunings):
     """`self.last = None` in __init__, a tensor after the first forward: None is a switch in the
     fingerprint, a tensor is data, so the first re-description (any model.train()) tunes again."""
