@@ -141,7 +141,7 @@ def test_the_engine_says_why_it_does_not_apply(f, reason):
 
 @pytest.mark.parametrize("f", [
     lambda: mlp(3, 2),
-    lambda: (lambda x: mlp(3, 2)(x).sin().sum(-1)),
+    lambda: (lambda net: lambda x: net(x).sin().sum(-1))(mlp(3, 2)),
     lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 1)),
     lambda: MatrixOut(),
 ], ids=["sequential", "function", "layer_norm", "matrix_out"])

@@ -219,7 +219,7 @@ _peek_transform = torch._C._functorch.peek_interpreter_stack
 
 
 def _run(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], in_dims: Any, has_aux: bool,
-         dims: Dims, strategy: str, create_graph: bool, batch_independent: bool | None, tune: bool | None,
+         dims: QuantityDims, strategy: str, create_graph: bool, batch_independent: bool | None, tune: bool | None,
          want: tuple[str, ...] = ()) -> Any:
     plain = type(args) is tuple and not args and in_dims is None and has_aux is False and dims is None and not want
     glance: tuple[object, ...] | None = None
@@ -252,7 +252,7 @@ def _run(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], i
 
 
 def _slow(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], in_dims: Any, has_aux: bool,
-          dims: Dims, strategy: str, create_graph: bool, batch_independent: bool | None, tune: bool | None,
+          dims: QuantityDims, strategy: str, create_graph: bool, batch_independent: bool | None, tune: bool | None,
           want: tuple[str, ...], glance: tuple[object, ...] | None) -> Any:
     call, sig, info = _prepare(op, f, x, v, args, in_dims, has_aux, dims, strategy, create_graph, batch_independent,
                                tune, want)
@@ -313,7 +313,7 @@ def _normal(value: Any) -> Any:
 
 
 def _prepare(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], in_dims: Any, has_aux: bool,
-             dims: Dims, strategy: str, create_graph: bool, batch_independent: bool | None, tune: bool | None,
+             dims: QuantityDims, strategy: str, create_graph: bool, batch_independent: bool | None, tune: bool | None,
              want: tuple[str, ...]) -> tuple[calls.Call, Signature, FnInfo]:
     if op not in OPS:
         raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
@@ -331,7 +331,8 @@ def _prepare(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any
     problem = call.problem
     _check_direction(op, problem.v, problem.x)
     info = describe(f)
-    spec = ";".join(part for part in (call.spec, "ops=" + ",".join(want) if want else "") if part)
+    asserted = "" if batch_independent is None else f"batch_independent={batch_independent}"
+    spec = ";".join(part for part in (call.spec, "ops=" + ",".join(want) if want else "", asserted) if part)
     sig = signature(op, f, problem.x, create_graph=create_graph, batch_independent=batch_independent, call=spec,
                     info=info)
     return call, sig, info

@@ -325,9 +325,9 @@ def _arg_text(a: Any, dim: int | None) -> str:
     if isinstance(a, Tensor):
         shape = tuple(s for i, s in enumerate(a.shape) if i != dim)
         return f"T{shape}{str(a.dtype).removeprefix('torch.')}@{dim}"
-    if isinstance(a, (bool, str, type(None), int)):
+    if isinstance(a, (bool, str, type(None))):
         return repr(a)[:100]
-    return type(a).__name__
+    return type(a).__name__  # a number's value is data: a timestep, an ODE's time
 
 
 def glance(args: Sequence[Any], in_dims: Any, has_aux: bool, dims: Any, x: Any) -> tuple[Any, ...] | None:
@@ -335,7 +335,7 @@ def glance(args: Sequence[Any], in_dims: Any, has_aux: bool, dims: Any, x: Any) 
     (None where there is nothing hashable to compare: the slow path then runs every call)."""
     try:
         shapes = tuple((a.shape, a.dtype, a.device) if isinstance(a, Tensor) else
-                       (type(a), a if isinstance(a, (bool, str, int, type(None))) else None) for a in args)
+                       (type(a), a if isinstance(a, (bool, str, type(None))) else None) for a in args)
         inputs = tuple((t.shape, t.dtype, t.device, t.layout) for t in x) if isinstance(x, (tuple, list)) else None
         chosen = (None if dims is None else tuple(sorted((k, tuple(v)) for k, v in dims.items()))
                   if isinstance(dims, Mapping) else tuple(dims.tolist() if isinstance(dims, Tensor) else dims))

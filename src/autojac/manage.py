@@ -136,7 +136,9 @@ def warm(f: BatchedFn, x: Tensor, ops: Sequence[Op] = ("jacobian",), *, batch_si
             for op in ops:
                 extra: dict[str, Any] = ({"v": torch.randn_like(sample)} if op == "hvp" and resized.get("v") is None
                                          else {})
-                made.append(api.plan_for(op, f, sample, **resized, **extra, nearby=False))
+                plan = api.plan_for(op, f, sample, **resized, **extra, nearby=False)
+                default_planner().store.put(plan)  # a plan memoized before AUTOJAC_CACHE_DIR changed, too
+                made.append(plan)
     return made
 
 

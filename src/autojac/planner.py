@@ -58,6 +58,9 @@ BATCH_REUSE_FACTOR = 2.0
 # per-call overhead, which the model does not see), cannot win and is not timed.
 PRUNE_FACTOR = 8.0
 PRUNE_ABOVE_BYTES = 16 * 2**20
+# New f objects whose ints bound when made differ from the last ones are checked this many times for
+# a plan; after that the ints are taken for data (a diffusion sampler's step).
+FIXED_CHECKS = 3
 # A glance is (op, x.shape, x.dtype, x.device, x.layout, create_graph, batch_independent, tune, ...).
 GLANCE_TUNE = 7
 
@@ -147,31 +150,54 @@ def check_devices(modules: list[nn.Module], x: Tensor) -> None:
                 )
 
 
-class Entry:
-    """A plan served to one f for the calls that look alike (see the module docstring)."""
+class Served:
+    """The plan served for one signature, shared by the entries of every f and call shape that have
+    it, so that the schedule of its checks (trust.py) counts every call, whichever f object makes
+    it (a lambda made anew at each step too), and a plan made again serves every entry at once."""
 
-    __slots__ = ("plan", "strategy", "chunk", "guards", "calls", "next_check", "sig", "info", "planner", "__weakref__")
+    __slots__ = ("plan", "strategy", "chunk", "calls", "next_check", "generation", "lock", "fixed", "fixed_changes")
 
-    def __init__(self, planner: Planner, sig: Signature, info: FnInfo, plan: Plan) -> None:
-        self.planner, self.sig, self.info = planner, sig, info
-        self.guards = info.guards
+    def __init__(self, sig: Signature, plan: Plan) -> None:
         self.calls = 0
-        self.rebind(plan)
+        self.generation = 0
+        self.lock = threading.Lock()
+        self.fixed: tuple[int, ...] | None = None  # the ints f was made with (FnInfo.fixed) when last checked
+        self.fixed_changes = 0
+        self.rebind(sig, plan)
 
-    def rebind(self, plan: Plan) -> None:
+    def rebind(self, sig: Signature, plan: Plan) -> None:
         """Serve `plan` from now on (a plan made again after a check failed)."""
         self.plan = plan
         self.strategy = registry.get(plan.strategy, plan.op)
         self.chunk = plan.chunk
+        self.generation += 1
         # nothing to re-check where the caller asserted batch_independent, or f is coupled already
-        watched = self.sig.batch_independent is None and plan.batch_independent
+        watched = sig.batch_independent is None and plan.batch_independent
         self.next_check = trust.next_check(self.calls) if watched else math.inf
 
+
+class Entry:
+    """What serves one f for the calls that look alike: its description's guards and the plan
+    served for its signature (see the module docstring)."""
+
+    __slots__ = ("served", "guards", "sig", "info", "planner", "tune", "pending", "verify", "__weakref__")
+
+    def __init__(self, planner: Planner, sig: Signature, info: FnInfo, served: Served, tune: bool | None) -> None:
+        self.planner, self.sig, self.info, self.served, self.tune = planner, sig, info, served, tune
+        self.guards = info.guards
+        self.pending = False  # check batch independence on this entry's next call
+        self.verify = False  # and cross-check the plan then
+
+    @property
+    def plan(self) -> Plan:
+        return self.served.plan
+
     def __call__(self, problem: Problem) -> Tensor:
-        self.calls += 1
-        if self.calls >= self.next_check:
+        served = self.served
+        served.calls += 1
+        if served.calls >= served.next_check or self.pending:
             return self.planner.recheck(self, problem)
-        return self.strategy(problem, self.chunk)
+        return served.strategy(problem, served.chunk)
 
 
 class Planner:
@@ -187,6 +213,7 @@ class Planner:
         # f -> {(name, glance): Entry}
         self._entries = WeakTable()
         self._probes: dict[Signature, Probes] = {}
+        self._served: dict[Signature, Served] = {}  # the plan served per signature, and its schedule of checks
         self._locks: dict[Signature, threading.Lock] = {}
         self._guard = threading.Lock()
         self._generator = torch.Generator().manual_seed(0x5EED)
@@ -223,22 +250,42 @@ class Planner:
         if plan is None or (not plan.tuned and tuning):
             plan, result = self.plan(sig, problem, tune=tuning)
             made = True
-        entry = Entry(self, sig, info, plan)
         checked_here = sig.key in self._trusted
         if not checked_here:
-            checked = self._cross_checked(entry, problem, tuning)
-            if checked is not entry:  # the plan changed: its result must come from the new plan
-                entry, result = checked, None
+            checked = self._cross_checked(sig, info, plan, problem, tuning)
+            if checked is not plan:  # the plan changed: its result must come from the new plan
+                plan, result = checked, None
+        served = self._served_for(sig, plan)
+        entry = Entry(self, sig, info, served, tune)
         owner = owner if owner is not None else problem_f(problem)
         slot, name = weak_slot(owner, self._entries, make=True) if glance is not None else (None, None)
         rebound = slot is not None and (name, glance) in slot  # something f reads changed since its last call
-        if not made and (not checked_here or info.holds_tensors or rebound) and entry.next_check < math.inf:
+        # Ints bound when f was made are data to the key (a diffusion step), but may be structure (a
+        # dim): a new f whose ints differ is checked, until a few such changes proved them data.
+        new_ints = served.fixed is not None and info.fixed != served.fixed and served.fixed_changes < FIXED_CHECKS
+        if new_ints:
+            served.fixed_changes += 1
+        served.fixed = info.fixed
+        if not made and (not checked_here or info.holds_tensors or rebound or new_ints) \
+                and served.next_check < math.inf:
             # Batch independence was probed on another f, in another process, or before what the key
-            # leaves out (tensors, numbers) changed: check it on this call.
-            entry.next_check = 1
+            # leaves out (tensors, numbers) changed: check it on this call; where what f reads was
+            # rebound, whether the plan still agrees with the reference too.
+            entry.pending = True
+            entry.verify = rebound and info.data_changes <= 1
         if slot is not None:
             slot[(name, glance)] = entry
         return entry, result
+
+    def _served_for(self, sig: Signature, plan: Plan) -> Served:
+        """The Served of sig, serving `plan` (made, or rebound if the plan changed)."""
+        with self._guard:
+            served = self._served.get(sig)
+            if served is None:
+                served = self._served[sig] = Served(sig, plan)
+            elif served.plan is not plan:
+                served.rebind(sig, plan)
+            return served
 
     def cached(self, sig: Signature, problem: Problem | None = None) -> Plan | None:
         """The plan for sig from memory, else from the store (if its strategy still serves the
@@ -272,7 +319,7 @@ class Planner:
             if plan is not None and fresh and plan.tuned_batch is not None:
                 plan = None
             follower = distributed.is_follower()
-            required = config.plan_required()
+            required = config.plan_required() and not again  # a check found the stored plan wrong: make one
             if plan is not None and (plan.tuned or not tune or follower or required):
                 return plan, None
             if required:
@@ -334,37 +381,67 @@ class Planner:
                           AutojacWarning, stacklevel=caller_stacklevel())
 
     def recheck(self, entry: Entry, problem: Problem) -> Tensor:
-        """A scheduled re-check of batch independence (trust.py) before serving the call; if f mixes
-        samples now, its plan is made again (probed afresh) and the call gets the new plan's answer."""
-        entry.next_check = trust.next_check(entry.calls)
+        """A check of what the key leaves out (trust.py) before serving the call: batch independence
+        (scheduled, or on the first call of an entry made again), and the plan's agreement with the
+        reference where what f reads changed. If f mixes samples now, or the plan disagrees, the
+        plan is made again for every entry of its signature, and the call gets the new plan's answer."""
         if torch.is_inference_mode_enabled():
             with torch.inference_mode(False):
                 return self.recheck(entry, problem.replace(x=normal_tensor(problem.x), v=normal_tensor(problem.v)))
-        with preserved_buffers(entry.info.modules()), calls.checking():
-            why = quick_coupling(problem.f, problem.x, self._generator)
+        served, seen = entry.served, entry.served.generation
+        with served.lock:  # one check at a time; a call that waited here while the plan was made again takes it
+            if served.generation != seen:
+                entry.pending = entry.verify = False
+            else:
+                if served.calls >= served.next_check:
+                    served.next_check = trust.next_check(served.calls)
+                verify, entry.pending, entry.verify = entry.verify, False, False
+                self._check_served(entry, problem, verify)
+        return served.strategy(problem, served.chunk)
+
+    def _check_served(self, entry: Entry, problem: Problem, verify: bool) -> None:
+        served, sig = entry.served, entry.sig
+        modules = entry.info.modules()
+        with preserved_buffers(modules), calls.checking():
+            why = quick_coupling(problem.f, problem.x, self._generator) if served.plan.batch_independent else ""
+        tune = config.tuning_enabled(entry.tune) and not config.plan_required()
+        if not why and verify:
+            checked = self._cross_checked(sig, entry.info, served.plan, problem, tune)
+            if checked is not served.plan:  # it disagreed with the reference: warned, and a plan made again
+                served.rebind(sig, checked)
+            return
         if not why:
-            return entry.strategy(problem, entry.chunk)
-        if entry.plan.key in self._made:  # probed here: f changed since (weights trained, a tensor swapped)
+            return
+        if served.plan.key in self._made:  # probed here: f changed since (weights trained, a tensor swapped)
             log.info("%s of %s mixes samples now (%s), which its plan (%s) assumed it did not; making a new plan",
-                     entry.sig.op, entry.sig.fn_name, why, entry.plan.label)
+                     sig.op, sig.fn_name, why, served.plan.label)
         else:  # a stored plan whose claim of batch independence is wrong for this f
-            warnings.warn(f"autojac: the stored plan for {entry.sig.op} of {entry.sig.fn_name} cannot be used (its "
-                          f"strategy {entry.plan.label} needs a batch-independent f, and {why}); making a new one",
+            warnings.warn(f"autojac: the stored plan for {sig.op} of {sig.fn_name} cannot be used (its strategy "
+                          f"{served.plan.label} needs a batch-independent f, and {why}); making a new one",
                           AutojacWarning, stacklevel=caller_stacklevel())
-        self.invalidate(entry.sig)
-        plan, result = self.plan(entry.sig, problem, tune=config.tuning_enabled(None), again=True)
-        entry.rebind(plan)
-        return result if result is not None else entry.strategy(problem, entry.chunk)
+        served.next_check = 0  # the other threads' calls wait on the lock for the new plan
+        self.invalidate(sig)
+        plan, _ = self.plan(sig, problem, tune=tune, again=True)
+        served.rebind(sig, plan)
 
     def invalidate(self, sig: Signature) -> None:
-        """Forget what was learnt about sig's f: its probes and its plans at every batch size."""
-        probe_key = dataclasses.replace(sig, op="", create_graph=False)
-        self._probes.pop(probe_key, None)
-        for known in [s for s in self._hot if s.family == sig.family or
-                      dataclasses.replace(s, op="", create_graph=False) == probe_key]:
+        """Forget what was learnt about sig's f: its probes and its plans at every batch size (and
+        for every operation); the plans served for them check f again on their next call."""
+        probe_key = dataclasses.replace(sig, op="", create_graph=False, batch=0)
+
+        def related(other: Signature) -> bool:
+            return dataclasses.replace(other, op="", create_graph=False, batch=0) == probe_key
+
+        self._probes = {k: v for k, v in self._probes.items() if not related(k)}
+        for known in [s for s in self._hot if related(s)]:
             self._hot.pop(known, None)
             self._trusted.discard(known.key)
+            self._families.pop(known.family, None)
         self._families.pop(sig.family, None)
+        with self._guard:
+            for known, served in self._served.items():
+                if known != sig and related(known) and served.next_check < math.inf:
+                    served.next_check = 0
 
     def forget(self) -> None:
         """Drop every memoized plan, probe and entry (the store is left alone)."""
@@ -373,6 +450,7 @@ class Planner:
         self._probes.clear()
         self._trusted.clear()
         self._made.clear()
+        self._served.clear()
         self._entries = WeakTable()
 
     # -- making plans ---------------------------------------------------------------------------
@@ -417,28 +495,29 @@ class Planner:
                  source.batch_size, sig.batch, plan.label)
         return plan
 
-    def _cross_checked(self, entry: Entry, problem: Problem, tuning: bool) -> Entry:
-        """Cross-check the entry's plan once against an independent strategy (trust.py); if they
-        disagree, serve the reference (or tune again without the failing strategy) and warn."""
-        sig, plan = entry.sig, entry.plan
-        dtype = computation_dtype(*trust.computation_dtypes(entry.info.modules(), problem.x))
-        with preserved_buffers(entry.info.modules()):
-            reference, why = trust.cross_check(_detached(problem), entry.strategy, entry.chunk, dtype)
+    def _cross_checked(self, sig: Signature, info: FnInfo, plan: Plan, problem: Problem, tuning: bool) -> Plan:
+        """Cross-check a plan once against an independent strategy (trust.py); if they disagree, the
+        plan that serves the reference (or one tuned again without the failing strategy), with a
+        warning; else the plan itself."""
+        dtype = computation_dtype(*trust.computation_dtypes(info.modules(), problem.x))
+        with preserved_buffers(info.modules()):
+            reference, why = trust.cross_check(_detached(problem), registry.get(plan.strategy, plan.op), plan.chunk,
+                                               dtype)
         self._trusted.add(sig.key)
         if not why:
-            return entry
+            return plan
         warnings.warn(trust.disagreement_warning(plan.label, sig.op, sig.fn_name, reference, why),
                       AutojacWarning, stacklevel=caller_stacklevel())
         excluded = {**plan.excluded, plan.label: f"excluded: {why} (cross-check)"}
         self._hot.pop(sig, None)
         if tuning and not config.plan_required():
             plan, _ = self.plan(sig, problem, tune=True, exclude={plan.label: excluded[plan.label]})
-        else:
-            plan = plan.model_copy(update=dict(strategy=reference, chunk=None, excluded=excluded,
-                                               timings={}, spread={}, created=datetime_now()))
-            self._memoize(sig, plan)
-            self.store.put(plan)
-        return Entry(self, sig, entry.info, plan)
+            return plan
+        plan = plan.model_copy(update=dict(strategy=reference, chunk=None, excluded=excluded,
+                                           timings={}, spread={}, created=datetime_now()))
+        self._memoize(sig, plan)
+        self.store.put(plan)
+        return plan
 
     def _lock_for(self, sig: Signature) -> threading.Lock:
         with self._guard:

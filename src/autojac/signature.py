@@ -96,33 +96,73 @@ def _digest(fields: dict[str, Any]) -> str:
 _SIGNATURE_FIELDS = dataclasses.fields(Signature)
 
 
+# Objects a guard keeps alive to compare by identity (they cannot refer back to f); others it
+# holds weakly where it can, else by id.
+_KEPT = (str, bytes, bool, type(None), enum.Enum)
+
+
+def _expectation(obj: Any) -> tuple[int, Any]:
+    """How a guard knows obj again: (0, obj) kept, (1, weakref), (2, id), or (3, a number's value:
+    numbers are compared by value)."""
+    if isinstance(obj, _KEPT):
+        return 0, obj
+    if isinstance(obj, _NUMBERS):
+        return 3, obj
+    try:
+        return 1, weakref.ref(obj)
+    except TypeError:
+        return 2, id(obj)
+
+
+def _met(current: Any, expectation: tuple[int, Any]) -> bool:
+    kind, held = expectation
+    if kind == 0:
+        return current is held
+    if kind == 1:
+        return held() is current
+    if kind == 3:
+        return type(current) is type(held) and current == held
+    return id(current) == held
+
+
 @dataclass
 class Guards:
     """What to compare on a call to know that f's description still holds: the watch epoch and
-    the count of global hooks, and the identity of what sits in each slot the walk read
-    through (a global, a closure cell, an attribute of a plain object, an item of a container,
-    a user class's method). Identities, not values: a new object in a slot fails the guard even
-    if it is equal, which only costs a new description."""
+    the count of global hooks, and what sits in each slot the walk read through (a global, a
+    closure cell, an attribute of a plain object, an item of a container, a class's method): the
+    same object (held weakly where it can be, so that no guard keeps f alive), or for a number
+    the same value. A change fails the guard, which costs a new description of f, not a plan."""
 
     epoch: int = 0
     hooks: int = 0
-    slots: list[tuple[Any, Any, int]] = field(default_factory=list)  # (dict or mapping, key, id)
-    items: list[tuple[list[Any], int, int]] = field(default_factory=list)  # (list, index, id)
-    cells: list[tuple[types.CellType, int]] = field(default_factory=list)
+    maps: list[tuple[Any, Any, tuple[int, Any]]] = field(default_factory=list)  # (dict, key, expectation)
+    attrs: list[tuple[Any, str, tuple[int, Any]]] = field(default_factory=list)  # (owner, weakly, name, ...)
+    items: list[tuple[list[Any], int, tuple[int, Any]]] = field(default_factory=list)  # (list, index, ...)
+    cells: list[tuple[types.CellType, tuple[int, Any]]] = field(default_factory=list)
 
     def hold(self) -> bool:
         if self.epoch != watch.epoch() or self.hooks != watch.global_hooks():
             return False
-        for mapping, key, expected in self.slots:
-            if id(mapping.get(key, _MISSING)) != expected:
+        for mapping, key, expected in self.maps:
+            if not _met(mapping.get(key, _MISSING), expected):
+                return False
+        for owner, name, expected in self.attrs:
+            target = owner() if isinstance(owner, weakref.ref) else owner
+            if target is None or not _met(getattr(target, name, _MISSING), expected):
                 return False
         for sequence, index, expected in self.items:
-            if index >= len(sequence) or id(sequence[index]) != expected:
+            if index >= len(sequence) or not _met(sequence[index], expected):
                 return False
         for cell, expected in self.cells:
-            if id(_cell_value(cell)) != expected:
+            if not _met(_cell_value(cell), expected):
                 return False
         return True
+
+    def extend(self, other: Guards) -> None:
+        self.maps += other.maps
+        self.attrs += other.attrs
+        self.items += other.items
+        self.cells += other.cells
 
 
 @dataclass(frozen=True)
@@ -134,6 +174,10 @@ class FnInfo:
     module_refs: tuple[weakref.ref[nn.Module], ...]  # every nn.Module reached, held weakly
     guards: Guards
     holds_tensors: bool = False  # f reaches tensors other than its modules' parameters and buffers
+    # How often f was described again with the same fingerprint (data it reads changed): numbers that
+    # keep changing (a step counter) stop being guarded after a few.
+    data_changes: int = 0
+    fixed: tuple[int, ...] = ()  # the ints bound when f was made (see _Walker.value)
 
     def modules(self) -> list[nn.Module]:
         """The live modules f reaches (parameters' devices, buffers to restore after tuning)."""
@@ -143,16 +187,22 @@ class FnInfo:
         return tuple(m.training for m in self.modules())
 
 
+NUMBERS_GUARDED_UNTIL = 2  # data changes after which numbers read at call time are no longer guarded
+
+
 class _Walker:
     """Walks f and what it reaches: readable text for the fingerprint (`parts`), the modules, the
     guards, and whether f holds tensors of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, guard_numbers: bool = True) -> None:
         self.parts: list[str] = []
         self.modules: list[nn.Module] = []
         self.guards = Guards()
         self.holds_tensors = False
+        self.fixed: list[int] = []  # ints bound when f was made (closure cells, defaults, partial arguments)
+        self.guard_numbers = guard_numbers
         self._seen: set[int] = set()
+        self._classes: set[type] = set()
 
     def add(self, text: str) -> None:
         if len(self.parts) < _MAX_PARTS:
@@ -165,15 +215,17 @@ class _Walker:
         if len(self.parts) > mark:
             self.parts.insert(mark, label)
 
+    def _guarded(self, obj: Any) -> bool:
+        return self.guard_numbers or not isinstance(obj, _NUMBERS) or isinstance(obj, bool)
+
     def slot(self, mapping: Any, key: Any, label: str, depth: int, *, torch_hyper: bool = False,
              guard: bool = True, fixed: bool = False) -> None:
-        """Visit what sits in mapping[key] (a global, an attribute), guarding the slot unless
-        watch.py watches it (a module's attribute)."""
+        """Visit what sits in mapping[key] (a global, an item of a dict), guarding the slot."""
         obj = mapping.get(key, _MISSING)
         if obj is _MISSING:
             return
-        if guard:
-            self.guards.slots.append((mapping, key, id(obj)))
+        if guard and self._guarded(obj):
+            self.guards.maps.append((mapping, key, _expectation(obj)))
         self.labelled(label, lambda: self.value(obj, depth, torch_hyper=torch_hyper, fixed=fixed))
 
     def value(self, obj: Any, depth: int, *, torch_hyper: bool = False, fixed: bool = False) -> None:
@@ -181,10 +233,16 @@ class _Walker:
         was bound when f was made (a default, a closure cell, a partial's argument)."""
         if len(self.parts) >= _MAX_PARTS:
             return
-        if isinstance(obj, _SWITCHES) or (torch_hyper and isinstance(obj, _NUMBERS)) or (fixed and isinstance(obj, int)):
-            self.add(_switch_text(obj))  # an int bound when f was made is structure: a dim, a size
+        if obj is None:
+            pass  # None is what an attribute holds before its data arrives (a stash): not a switch
+        elif isinstance(obj, _SWITCHES) or (torch_hyper and isinstance(obj, _NUMBERS)):
+            self.add(_switch_text(obj))
         elif isinstance(obj, _NUMBERS):
-            pass  # data: a counter or a schedule read at call time, an ODE time or a scale captured
+            # data: a counter or a schedule read at call time, an ODE time or a diffusion step captured.
+            # An int bound when f was made may be structure too (a dim): the planner checks f again
+            # when they change (Planner.entry), rather than making a new plan.
+            if fixed and isinstance(obj, int):
+                self.fixed.append(obj)
         elif isinstance(obj, Tensor):
             self.holds_tensors = self.holds_tensors or not isinstance(obj, nn.Parameter)
         elif isinstance(obj, _OPAQUE):
@@ -206,13 +264,13 @@ class _Walker:
                 self.slot(obj, key, f"[{_key_text(key)}]", depth + 1, fixed=fixed)
             return
         for index, item in enumerate(obj):
-            if isinstance(obj, list):
-                self.guards.items.append((obj, index, id(item)))
+            if isinstance(obj, list) and self._guarded(item):
+                self.guards.items.append((obj, index, _expectation(item)))
             self.labelled(f"[{index}]", functools.partial(self.value, item, depth + 1, fixed=fixed))
 
     def reference(self, obj: Any, depth: int) -> None:
         if isinstance(obj, nn.Module):
-            self.module(obj)
+            self.reached_module(obj)
         elif isinstance(obj, types.FunctionType):
             self.function(obj, depth)
         elif isinstance(obj, types.MethodType):
@@ -224,10 +282,10 @@ class _Walker:
             self.value(obj.func, depth + 1)
             self.value(obj.args, depth + 1, fixed=True)
             self.value(obj.keywords, depth + 1, fixed=True)
-        elif not hasattr(obj, "__dict__"):  # builtins, C types: nothing of theirs to walk
+        elif not hasattr(obj, "__dict__") and not _slot_names(_class_of(obj)):  # builtins, C types
             self.add(f"builtin {_canonical_module(getattr(obj, '__module__', '') or '')}."
                      f"{getattr(obj, '__qualname__', _qualname(type(obj)))}")
-        else:  # an object: its class's methods and its public attributes
+        else:  # an object: its class's methods and its public attributes (__slots__ too)
             cls = type(obj)
             self.add(f"object {_qualname(cls)}")
             self.methods(cls, depth)
@@ -235,24 +293,54 @@ class _Walker:
 
     def attributes(self, obj: Any, depth: int, *, torch_hyper: bool = False) -> None:
         """Every public attribute of obj (the module machinery's own excepted); a module's are
-        watched by watch.py, a plain object's are guarded."""
-        namespace = vars(obj)
-        guard = not isinstance(obj, nn.Module)
-        for name in list(namespace):
-            if not name.startswith("_") and name != "training":
-                self.slot(namespace, name, f".{name}", depth + 1, torch_hyper=torch_hyper, guard=guard)
+        watched by watch.py, a plain object's are guarded (its owner held weakly where it can be)."""
+        module = isinstance(obj, nn.Module)
+        names = list(vars(obj)) if hasattr(obj, "__dict__") else []
+        names += [n for n in _slot_names(_class_of(obj)) if n not in names]
+        try:
+            owner: Any = weakref.ref(obj)
+        except TypeError:
+            owner = obj
+        for name in names:
+            if name.startswith("_") or name == "training":
+                continue
+            attr = getattr(obj, name, _MISSING)
+            if attr is _MISSING:
+                continue
+            if not module and self._guarded(attr):
+                self.guards.attrs.append((owner, name, _expectation(attr)))
+            self.labelled(f".{name}", functools.partial(self.value, attr, depth + 1, torch_hyper=torch_hyper))
 
     def methods(self, cls: type, depth: int) -> None:
-        """The code of the methods a user class defines (up to torch's and object's), and what
-        they read: a module's forward reading a global switch, say."""
+        """The code of the methods a class of the user's defines (up to torch's and object's), and
+        what they read (a module's forward reading a global switch, say); once per class, however
+        many of its instances f reaches. A torch class is guarded by its forward alone."""
+        if cls in self._classes:
+            return
+        self._classes.add(cls)
         for klass in cls.__mro__:
-            if klass is object or _from_torch(klass):
+            if klass is object:
                 break
+            if _from_torch(klass):
+                if "forward" in vars(klass):  # a patched torch forward is noticed, never walked
+                    self.guards.maps.append((vars(klass), "forward", _expectation(vars(klass)["forward"])))
+                    break
+                continue
             for name, member in list(vars(klass).items()):
                 function = getattr(member, "__func__", member)  # staticmethod, classmethod
                 if isinstance(function, types.FunctionType):
-                    self.guards.slots.append((vars(klass), name, id(member)))
+                    self.guards.maps.append((vars(klass), name, _expectation(member)))
                     self.labelled(f"{klass.__qualname__}.{name}", functools.partial(self.value, function, depth + 1))
+
+    def reached_module(self, module: nn.Module) -> None:
+        """A module reached from a function or an object: its own description stands for it (cached
+        with the module, so that a lambda made anew at every step is described in microseconds)."""
+        info = describe(module)
+        self.add(f"module {info.name} {info.fingerprint}")
+        self.modules.extend(info.modules())
+        self.guards.extend(info.guards)
+        self.holds_tensors = self.holds_tensors or info.holds_tensors
+        self.fixed.extend(info.fixed)
 
     def module(self, module: nn.Module) -> None:
         # Module trees are walked whole whatever their depth: their structure decides the plan.
@@ -262,10 +350,8 @@ class _Walker:
         for name, tensor in (*module._parameters.items(), *module._buffers.items()):
             if tensor is not None:
                 self.add(f"{name}{tuple(tensor.shape)}{tensor.dtype}")
-        user = not _from_torch(cls)
-        if user:
-            self.methods(cls, 0)
-        self.attributes(module, 0, torch_hyper=not user)
+        self.methods(cls, 0)
+        self.attributes(module, 0, torch_hyper=_from_torch(cls))
         for name, child in module._modules.items():
             if child is None:
                 continue
@@ -282,7 +368,7 @@ class _Walker:
         self.value(f.__defaults__ or (), depth + 1, fixed=True)
         self.value(f.__kwdefaults__ or {}, depth + 1, fixed=True)
         for name, cell in zip(code.co_freevars, f.__closure__ or ()):
-            self.guards.cells.append((cell, id(_cell_value(cell))))
+            self.guards.cells.append((cell, _expectation(_cell_value(cell))))
             self.labelled(f"free {name}", functools.partial(self.value, _cell_value(cell), depth + 1, fixed=True))
         for name in _global_names(code):
             obj = f.__globals__.get(name, _MISSING)
@@ -290,12 +376,32 @@ class _Walker:
                 self.slot(f.__globals__, name, f"global {name}", depth + 1)
 
 
-def _walk(f: Any) -> _Walker:
+def _class_of(obj: object) -> type:
+    return type(obj)
+
+
+@functools.lru_cache(maxsize=None)
+def _slot_names(cls: type) -> tuple[str, ...]:
+    """The attribute names a class's __slots__ declare, along its MRO."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        slots = vars(klass).get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def _walk(f: Any, guard_numbers: bool = True) -> _Walker:
     watch.install()
-    walker = _Walker()
+    walker = _Walker(guard_numbers)
     walker.guards.epoch = watch.epoch()  # taken first: a change during the walk fails the guard later
     walker.guards.hooks = watch.global_hooks()
-    walker.value(compiled.original(f), 0)  # a torch.compile'd function: not dynamo's wrapper, which changes
+    if isinstance(f, nn.Module):  # the root module is walked whole; modules reached otherwise stand by their own
+        walker._seen.add(id(f))
+        walker.module(f)
+    else:
+        walker.value(f, 0)
     if walker.modules:  # global hooks run around every module's forward
         walker.add(f"global hooks {walker.guards.hooks}")
         watch.watch(walker.modules)
@@ -376,14 +482,80 @@ def describe(f: Callable[..., Any]) -> FnInfo:
     """Name, fingerprint, modules and guards of f, made again only when a guard fails."""
     slot, name = weak_slot(f, _DESCRIPTIONS, make=True)
     info = slot.get(name) if slot is not None else None  # not weakly referenceable: every call
+    if info is None:
+        info = _same_function_described(f)
+        if info is not None and slot is not None:
+            slot[name] = info
     if info is None or not info.guards.hold():
-        walker = _walk(f)
+        changes = info.data_changes if info is not None else 0
+        walker = _walk(f, guard_numbers=changes < NUMBERS_GUARDED_UNTIL)
         digest = hashlib.sha256("\x1f".join(walker.parts).encode()).hexdigest()[:16]
+        if info is not None and info.fingerprint == digest:
+            changes += 1  # what changed is data (a number, an object the key leaves out)
         info = FnInfo(_readable_name(f), digest, tuple(weakref.ref(m) for m in walker.modules), walker.guards,
-                      walker.holds_tensors)
+                      walker.holds_tensors, changes, tuple(walker.fixed))
         if slot is not None:
             slot[name] = info
+        _remember_function(f, info)
     return info
+
+
+# Descriptions of functions by code, so that a lambda made anew at every step over the same model
+# (`autojac.jacobian(lambda z: model(z), x)`, an ODE step's `lambda z: f(t, z)`) is not described
+# again: a new function object with the same code, globals and closure contents (a float captured,
+# an ODE time, counts as the same: it is data) takes the description of the last one.
+_BY_CODE: dict[tuple[Any, ...], tuple[tuple[tuple[int, Any], ...], FnInfo]] = {}
+_BY_CODE_LIMIT = 256
+
+
+def _code_key(f: Any) -> tuple[Any, ...] | None:
+    if type(f) is not types.FunctionType or f.__defaults__ or f.__kwdefaults__:
+        return None
+    return f.__code__, id(f.__globals__)
+
+
+def _cell_expectation(value: Any) -> tuple[int, Any] | None:
+    """How a closure's content is recognized in another function (None: it cannot be, safely)."""
+    if isinstance(value, _NUMBERS) and not isinstance(value, bool):
+        return 4, type(value)  # data: any number will do (an int's value is FnInfo.fixed, checked by the planner)
+    expectation = _expectation(value)
+    return None if expectation[0] == 2 else expectation  # an id alone could be a dead object's
+
+
+def _remember_function(f: Any, info: FnInfo) -> None:
+    key = _code_key(f)
+    if key is None:
+        return
+    expectations = tuple(_cell_expectation(_cell_value(c)) for c in f.__closure__ or ())
+    if any(e is None for e in expectations) or _direct_ints(f) != info.fixed:
+        return  # its ints bound when made are not all plain closure cells: describe such f each time
+    if len(_BY_CODE) >= _BY_CODE_LIMIT:
+        _BY_CODE.pop(next(iter(_BY_CODE)))
+    _BY_CODE[key] = (expectations, info)  # type: ignore[assignment]
+
+
+def _same_function_described(f: Any) -> FnInfo | None:
+    key = _code_key(f)
+    found = _BY_CODE.get(key) if key is not None else None
+    if found is None:
+        return None
+    expectations, info = found
+    cells = f.__closure__ or ()
+    if len(cells) != len(expectations):
+        return None
+    for cell, (kind, held) in zip(cells, expectations):
+        value = _cell_value(cell)
+        if kind == 4:
+            if type(value) is not held:
+                return None
+        elif not _met(value, (kind, held)):
+            return None
+    return dataclasses.replace(info, fixed=_direct_ints(f))
+
+
+def _direct_ints(f: types.FunctionType) -> tuple[int, ...]:
+    values = (_cell_value(c) for c in f.__closure__ or ())
+    return tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))
 
 
 _DESCRIPTIONS = WeakTable()
@@ -399,6 +571,7 @@ def _cell_value(cell: types.CellType) -> Any:
 def clear_descriptions() -> None:
     """Forget cached descriptions (after editing a function's code in place, say)."""
     _DESCRIPTIONS.clear()
+    _BY_CODE.clear()
 
 
 def signature(op: str, f: Callable[..., Any], x: Tensor, *, create_graph: bool = False,

@@ -316,10 +316,11 @@ class _Tuning:
             for label in group.members:
                 reason = (f"result disagrees with {winner.members[0]} by {diff:.3g} "
                           f"(allowed {allowed:.3g}); agreeing with it: {', '.join(winner.members)}")
-                self.excluded[label] = reason
                 self.samples.pop(label, None)
-                warnings.warn(f"autojac: candidate {label} excluded: {reason}", AutojacWarning,
-                              stacklevel=caller_stacklevel())
+                if label not in self.excluded:  # the winner may be asked for again: warn once
+                    warnings.warn(f"autojac: candidate {label} excluded: {reason}", AutojacWarning,
+                                  stacklevel=caller_stacklevel())
+                self.excluded[label] = reason
         return set(winner.members)
 
     def _outcome(self, winner: Candidate) -> Outcome:

@@ -16,6 +16,7 @@ by the checks of trust.py, as is everything the fingerprint leaves out.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import threading
@@ -29,11 +30,14 @@ from torch.utils.hooks import RemovableHandle
 
 _counter = itertools.count(1)
 _current = [0]
-_watched: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_watched: dict[int, weakref.ref[nn.Module]] = {}  # by identity: a module class may define __eq__ and no hash
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_hook_dicts: set[int] = set()  # ids of watched modules' hook dicts: removing a hook from one advances
+# watched modules' hook dicts, by id: removing a hook from one advances (kept weakly: pruned with them)
+_hook_dicts: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 _installed = False
 _guard = threading.Lock()
+_MISSING = object()
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 def epoch() -> int:
@@ -49,8 +53,23 @@ def watch(modules: Iterable[nn.Module]) -> None:
     """Advance the epoch when one of these modules changes from now on."""
     install()
     for module in modules:
-        _watched.add(module)
-        _hook_dicts.update(id(getattr(module, name, None)) for name in _HOOK_DICTS)
+        key = id(module)
+        if key not in _watched or _watched[key]() is not module:
+            _watched[key] = weakref.ref(module, functools.partial(_forget, key))
+        for name in _HOOK_DICTS:
+            hooks = module.__dict__.get(name)
+            if hooks is not None:
+                _hook_dicts[id(hooks)] = hooks
+
+
+def _forget(key: int, ref: weakref.ref[nn.Module]) -> None:
+    if _watched.get(key) is ref:  # not a newer module at the same address
+        del _watched[key]
+
+
+def watched(module: nn.Module) -> bool:
+    found = _watched.get(id(module))
+    return found is not None and found() is module
 
 
 def global_hooks() -> int:
@@ -59,15 +78,38 @@ def global_hooks() -> int:
     return len(module._global_forward_hooks) + len(module._global_forward_pre_hooks)
 
 
-def _matters(module: nn.Module, value: Any) -> bool:
-    """Whether assigning `value` to a module can change what it computes: everything but what a
-    module's own forward assigns that is data (a plain tensor: an activation stashed for later; a
-    number: a count of calls). torch's own modules' numbers are hyperparameters (Dropout's p)."""
-    if isinstance(value, bool) or isinstance(value, nn.Parameter):
+def _current_value(module: nn.Module, name: str) -> Any:
+    """What `module.name` is now, without running __getattr__'s search more than needed."""
+    found = module.__dict__.get(name, _MISSING)
+    if found is _MISSING:
+        for registry in ("_parameters", "_buffers", "_modules"):
+            table = module.__dict__.get(registry)
+            if table is not None and name in table:
+                return table[name]
+    return found
+
+
+def _same(old: Any, new: Any) -> bool:
+    """An assignment that changes nothing: the same object, or an equal switch or number
+    (`model.train()` at every step sets every `training` flag to what it was)."""
+    if old is new:
         return True
-    if isinstance(value, (int, float, complex)):
-        return type(module).__module__.startswith("torch.") or not _in_forward(module)
-    if isinstance(value, torch.Tensor):
+    plain = (bool, int, float, str, type(None))
+    return type(old) is type(new) and isinstance(new, plain) and old == new
+
+
+def _matters(module: nn.Module, name: str, old: Any, value: Any) -> bool:
+    """Whether assigning `value` to a module can change what it computes: every change but what
+    the module's own forward assigns that is data (a plain tensor, a number, a shape or other
+    tuple: an activation stashed for later, a count of calls). torch's own modules' numbers are
+    hyperparameters (Dropout's p), whoever assigns them."""
+    if _same(old, value):
+        return False
+    if isinstance(value, (bool, nn.Parameter, nn.Module)) or callable(value):
+        return True
+    if isinstance(value, (int, float, complex)) and type(module).__module__.startswith("torch."):
+        return True
+    if isinstance(value, (int, float, complex, torch.Tensor, tuple, type(None))):
         return not _in_forward(module)
     return True
 
@@ -97,13 +139,17 @@ def install() -> None:
         set_attribute, delete_attribute = nn.Module.__setattr__, nn.Module.__delattr__
 
         def __setattr__(self: nn.Module, name: str, value: Any) -> None:
+            if _is_compiling() or not watched(self):  # dynamo traces assignments: nothing of ours there
+                set_attribute(self, name, value)
+                return
+            old = _current_value(self, name)
             set_attribute(self, name, value)
-            if self in _watched and _matters(self, value):
+            if _matters(self, name, old, value):
                 advance()
 
         def __delattr__(self: nn.Module, name: str) -> None:
             delete_attribute(self, name)
-            if self in _watched:
+            if not _is_compiling() and watched(self):
                 advance()
 
         nn.Module.__setattr__ = __setattr__  # type: ignore[method-assign]
@@ -116,7 +162,7 @@ def install() -> None:
         def remove_hook(self: RemovableHandle) -> None:
             hooks = self.hooks_dict_ref()
             remove(self)
-            if id(hooks) in _hook_dicts:
+            if hooks is not None and _hook_dicts.get(id(hooks)) is hooks:
                 advance()
 
         RemovableHandle.remove = remove_hook  # type: ignore[method-assign]

@@ -357,6 +357,36 @@ def check(f: Callable[[Tensor], Tensor], x: Tensor) -> str:
     return profile(f, x).reason
 
 
+def _unseen(f: Callable[[Tensor], Tensor], x: Tensor, directions: Tensor) -> str:
+    """"" if the engine's first directions (k, B, *out) of f at x agree with one reverse pass of autograd,
+    else why not: operations that run outside Python (a torch.jit.script module, a compiled graph) are
+    invisible to the engine, which would take their outputs for constants. Batch sums are compared, so
+    the check holds for f that mixes samples too."""
+    k = directions.shape[0]
+    try:
+        with torch.enable_grad(), preserved_buffers(describe(f).modules()):
+            leaf = x.detach().requires_grad_()
+            y = f(leaf)
+            if not isinstance(y, Tensor) or y.shape != directions.shape[1:] or not y.is_floating_point():
+                return ""
+            if not y.requires_grad:
+                seen = torch.zeros(k, dtype=directions.dtype, device=directions.device)
+            else:
+                u = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype).to(y.device)
+                (grad,) = torch.autograd.grad(y, leaf, u, allow_unused=True)
+                seen = (grad.flatten(1)[:, :k].sum(0) if grad is not None
+                        else torch.zeros(k, dtype=y.dtype, device=y.device))
+        made = (directions * u).flatten(1).sum(1) if y.requires_grad else directions.flatten(1).abs().sum(1)
+    except Exception:  # autograd cannot follow f either: nothing to compare with
+        return ""
+    scale = float(seen.abs().max()) + float(made.abs().max()) + 1e-6
+    tolerance = 1e-3 if directions.dtype in (torch.float32, torch.float64) else 5e-2
+    if float((made - seen).abs().max()) > tolerance * scale:
+        return ("the engine's derivatives of f disagree with autograd's on a check: f runs operations the "
+                "engine does not see (a torch.jit.script module, a compiled graph, a C++ extension?)")
+    return ""
+
+
 def _check(f: Callable[[Tensor], Tensor], x: Tensor) -> str:
     n = math.prod(x.shape[1:])
     if n == 0 or x.shape[0] == 0:
@@ -367,10 +397,10 @@ def _check(f: Callable[[Tensor], Tensor], x: Tensor) -> str:
     for sample in attempts:
         try:
             with torch.no_grad(), preserved_buffers(describe(f).modules()):
-                y, _ = forward(f, sample.detach(), Order("diag", k), 0, k)
+                y, jet = forward(f, sample.detach(), Order("first", k), 0, k)
             if y.shape[0] != sample.shape[0]:
                 return f"f returned {y.shape[0]} rows for a batch of {sample.shape[0]}"
-            return ""
+            return _unseen(f, sample, _directions(jet, y, k))
         except Unsupported as error:
             why = str(error)
             if why.startswith("no rule for"):  # the same on any batch

@@ -7,8 +7,10 @@ The basis is built chunk by chunk, so the (n, n) identity never exists unless ch
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -35,39 +37,54 @@ def joined(pieces: list[Tensor]) -> Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-# Seeds and bases are cached process-wide, so that a plan's calls reuse them: tensors up to this
-# many bytes are kept (larger ones cost nothing next to the computation they seed).
-_CACHED_BYTES = 16 * 2**20
+# Seeds and bases are cached process-wide, so that a plan's calls reuse them: tensors up to
+# _CACHED_BYTES each, SEED_CACHE_BYTES in all, the least recently used dropped first (a server
+# answering every batch size from 1 to 128 keeps a few MB, not one seed per size).
+_CACHED_BYTES = 4 * 2**20
+SEED_CACHE_BYTES = 16 * 2**20
+_seeds: collections.OrderedDict[tuple[Any, ...], tuple[Any, int]] = collections.OrderedDict()
+_seeds_total = [0]
+_seeds_lock = threading.Lock()
 
 
-def _cacheable(numel: int, dtype: torch.dtype) -> bool:
-    return numel * dtype.itemsize <= _CACHED_BYTES
+def _cached(key: tuple[Any, ...], make: Callable[[], Any], size: int) -> Any:
+    """The seed made by `make` (of `size` bytes), from the cache if there; kept if it fits."""
+    with _seeds_lock:
+        found = _seeds.get(key)
+        if found is not None:
+            _seeds.move_to_end(key)
+            return found[0]
+    with torch.inference_mode(False), torch.no_grad():  # a cached seed must serve every mode
+        made = make()
+    if size > _CACHED_BYTES:
+        return made
+    with _seeds_lock:
+        if key not in _seeds:
+            _seeds[key] = (made, size)
+            _seeds_total[0] += size
+            while _seeds_total[0] > SEED_CACHE_BYTES and _seeds:
+                _, (_, dropped) = _seeds.popitem(last=False)
+                _seeds_total[0] -= dropped
+    return made
 
 
 def one_hot_rows(start: int, stop: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """Basis vectors e_start .. e_{stop-1} of a space of `shape`: (stop - start, *shape). Cached:
-    never write into it.
+    """Basis vectors e_start .. e_{stop-1} of a space of `shape`: (stop - start, *shape). Cached: never
+    write into it.
 
     Made in its final shape, not as a view: a view as the seeds of a vectorized backward pass
     costs some 40 µs more per call (measured on the seed problem, where the pass takes 200)."""
     shape = tuple(shape)
-    if _cacheable((stop - start) * math.prod(shape), like.dtype):
-        return _one_hot_rows(start, stop, shape, like.dtype, like.device)
-    return _make_one_hot_rows(start, stop, shape, like.dtype, like.device)
-
-
-@functools.lru_cache(maxsize=256)
-def _one_hot_rows(start: int, stop: int, shape: tuple[int, ...], dtype: torch.dtype,
-                  device: torch.device) -> Tensor:
-    return _make_one_hot_rows(start, stop, shape, dtype, device)
+    size = (stop - start) * math.prod(shape) * like.element_size()
+    return _cached(("rows", start, stop, shape, like.dtype, like.device),
+                   lambda: _make_one_hot_rows(start, stop, shape, like.dtype, like.device), size)
 
 
 def _make_one_hot_rows(start: int, stop: int, shape: tuple[int, ...], dtype: torch.dtype,
                        device: torch.device) -> Tensor:
-    with torch.inference_mode(False), torch.no_grad():  # a cached seed must serve every mode
-        rows = torch.zeros(stop - start, *shape, dtype=dtype, device=device)
-        index = torch.arange(stop - start, device=device)
-        rows.view(stop - start, -1)[index, index + start] = 1
+    rows = torch.zeros(stop - start, *shape, dtype=dtype, device=device)
+    index = torch.arange(stop - start, device=device)
+    rows.view(stop - start, -1)[index, index + start] = 1
     return rows
 
 
@@ -75,15 +92,15 @@ def ones_seed(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """Ones of `shape`, the seed of a per-sample scalar output's gradient (materialized up to
     _MATERIALIZED_BYTES, 3-5% faster at B=1024-4096; an expanded scalar beyond). Cached: never
     write into it."""
-    return _ones_seed(tuple(shape), like.dtype, like.device)
+    shape = tuple(shape)
+    size = math.prod(shape) * like.element_size()
+    small = size <= _MATERIALIZED_BYTES
 
-
-@functools.lru_cache(maxsize=256)
-def _ones_seed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    with torch.inference_mode(False), torch.no_grad():
-        one = torch.ones((), dtype=dtype, device=device)
-        small = math.prod(shape) * one.element_size() <= _MATERIALIZED_BYTES
+    def make() -> Tensor:
+        one = torch.ones((), dtype=like.dtype, device=like.device)
         return one.expand(shape).contiguous() if small else one.expand(shape)
+
+    return _cached(("ones", shape, like.dtype, like.device), make, size if small else 0)
 
 
 # Seeds broadcast over the batch are materialized up to this size: a vectorized backward pass
@@ -98,45 +115,34 @@ def broadcast_rows(start: int, stop: int, shape: tuple[int, ...], batch: int, li
     they give row i of every sample's Jacobian at once (the batch trick). Cached: never write
     into it."""
     shape = tuple(shape)
-    if (stop - start) * batch * math.prod(shape) * like.element_size() <= _MATERIALIZED_BYTES:
-        return _materialized_rows(start, stop, shape, batch, like.dtype, like.device)
-    return one_hot_rows(start, stop, shape, like).unsqueeze(1).expand(stop - start, batch, *shape)
-
-
-@functools.lru_cache(maxsize=256)
-def _materialized_rows(start: int, stop: int, shape: tuple[int, ...], batch: int, dtype: torch.dtype,
-                       device: torch.device) -> Tensor:
-    rows = _make_one_hot_rows(start, stop, shape, dtype, device)
-    with torch.inference_mode(False), torch.no_grad():
-        return rows.unsqueeze(1).expand(stop - start, batch, *shape).contiguous()
+    size = (stop - start) * batch * math.prod(shape) * like.element_size()
+    rows = one_hot_rows(start, stop, shape, like)
+    if size > _MATERIALIZED_BYTES:
+        return rows.unsqueeze(1).expand(stop - start, batch, *shape)
+    return _cached(("broadcast", start, stop, shape, batch, like.dtype, like.device),
+                   lambda: rows.unsqueeze(1).expand(stop - start, batch, *shape).contiguous(), size)
 
 
 def chosen_seeds(directions: tuple[int, ...], shape: tuple[int, ...], batch: int, like: Tensor) -> Tensor:
     """Basis vectors e_d of a per-sample space of `shape`, for d in `directions` (flat indices), the
     same for every sample: (k, B, *shape). Cached: never write into it."""
-    return _chosen_seeds(tuple(directions), tuple(shape), batch, like.dtype, like.device)
+    directions, shape = tuple(directions), tuple(shape)
 
-
-@functools.lru_cache(maxsize=64)
-def _chosen_seeds(directions: tuple[int, ...], shape: tuple[int, ...], batch: int, dtype: torch.dtype,
-                  device: torch.device) -> Tensor:
-    with torch.inference_mode(False), torch.no_grad():
-        rows = torch.zeros(len(directions), math.prod(shape), dtype=dtype, device=device)
-        rows[torch.arange(len(directions), device=device), torch.tensor(directions, device=device)] = 1
+    def make() -> Tensor:
+        rows = torch.zeros(len(directions), math.prod(shape), dtype=like.dtype, device=like.device)
+        rows[torch.arange(len(directions), device=like.device), torch.tensor(directions, device=like.device)] = 1
         return rows.view(len(directions), 1, *shape).expand(len(directions), batch, *shape).contiguous()
+
+    size = len(directions) * batch * math.prod(shape) * like.element_size()
+    return _cached(("chosen", directions, shape, batch, like.dtype, like.device), make, size)
 
 
 def row_seeds(shape: tuple[int, ...], batch: int, like: Tensor) -> tuple[Tensor, ...]:
     """broadcast_rows for every row, one seed at a time: m seeds (B, *shape) for a loop of backward
     passes over the output coordinates. Cached."""
-    return _row_seeds(tuple(shape), batch, like.dtype, like.device)
-
-
-@functools.lru_cache(maxsize=64)
-def _row_seeds(shape: tuple[int, ...], batch: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
-    like = torch.empty((), dtype=dtype, device=device)
+    shape = tuple(shape)
     rows = broadcast_rows(0, math.prod(shape), shape, batch, like)
-    return tuple(rows.unbind(0))
+    return _cached(("row seeds", shape, batch, like.dtype, like.device), lambda: tuple(rows.unbind(0)), 0)
 
 
 def vjp_basis(fn: Fn, primal: Tensor, chunk: int | None) -> Tensor:

@@ -160,7 +160,7 @@ def _derivatives(p: Problem, chunk: int | None) -> tuple[Tensor, ...]:
     # diagonal its sum).
     asked = set(p.want)
     kind = next((q for q in ("hessian", "hessian_diag", "laplacian") if q in asked), None)
-    ops = [q for q in ("value", "jacobian") if q in asked] + ([kind] if kind else [])
+    ops: list[str] = [q for q in ("value", "jacobian") if q in asked] + ([kind] if kind else [])
     if p.second_dims is not None and kind in ("hessian_diag", "laplacian"):
         kind = "hessian_diag"  # the chosen directions' entries, summed below where the Laplacian is asked
         ops = [q for q in ops if q != "laplacian"] + (["hessian_diag"] if "hessian_diag" not in ops else [])
