@@ -258,3 +258,88 @@ def test_probes_for_the_exact_divergence_are_refused():
     net = tanh_mlp(3, 3)
     with pytest.raises(ValueError, match="samples"):
         autojac.divergence(net, torch.randn(4, 3, dtype=D), samples=5)
+
+
+# -- more shapes and forms -----------------------------------------------------------------------
+
+def test_several_inputs_with_dims_are_computed_or_refused_naming_dims():
+    # autojac.jacobian(f, (a, b), dims=[0, 3]) crashes in the splitter: "split_with_sizes expects
+    # split_sizes to sum exactly to 2 ... got split_sizes=[1, 4]".
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, dtype=D)
+
+    def f(a, b):  # a (B,), b (B, 2, 2)
+        return torch.tanh(torch.cat([a[:, None], b.flatten(1)], 1) @ w)
+
+    a, b = torch.randn(4, dtype=D), torch.randn(4, 2, 2, dtype=D)
+    try:
+        got = autojac.jacobian(f, (a, b), dims=[0, 3])
+    except (TypeError, ValueError) as error:
+        assert "dims" in str(error)
+        return
+    j_a, j_b = vmap(jacrev(lambda ai, bi: f(ai[None], bi[None])[0], argnums=(0, 1)))(a, b)
+    whole = torch.cat([j_a[..., None], j_b.flatten(2)], -1)
+    flat = torch.cat([g.reshape(4, 3, -1) for g in got], -1) if isinstance(got, tuple) else got
+    torch.testing.assert_close(flat, whole[..., [0, 3]], **TOL)
+
+
+def test_derivatives_of_a_batch_coupled_f_are_the_own_sample_blocks():
+    # Every other operation serves a batch-coupled f (full_diag, full_hessian, full_divergence);
+    # derivatives has no such strategy: NoCandidateError.
+    def f(x):
+        return torch.tanh(x - x.mean(0)) ** 2 * x.sum(-1, keepdim=True)
+
+    x = torch.randn(4, 3, dtype=D)
+    full = torch.autograd.functional.jacobian(f, x)  # (B, 3, B, 3)
+    blocks = torch.stack([full[b, :, b] for b in range(4)])
+    d = autojac.derivatives(f, x, ops=("value", "jacobian", "laplacian"))
+    torch.testing.assert_close(d.value, f(x), **TOL)
+    torch.testing.assert_close(d.jacobian, blocks, **TOL)
+    torch.testing.assert_close(d.laplacian, autojac.laplacian(f, x), **TOL)
+
+
+@pytest.mark.parametrize("out", ["scalar", "vector"])
+def test_hvp_diag_on_a_batch_of_scalars(out):
+    # x of shape (B,) is a batch of scalars; hvp_diag sums over dims=() (which sums everything)
+    # and then calls reshape() with no shape: TypeError.
+    def f(x):
+        y = torch.sin(x) * x ** 2
+        return y if out == "scalar" else torch.stack([y, x.exp()], -1)
+
+    x = torch.randn(5, dtype=D)
+    second = -torch.sin(x) * x ** 2 + 4 * x * torch.cos(x) + 2 * torch.sin(x)
+    expected = second if out == "scalar" else torch.stack([second, x.exp()], -1)
+    torch.testing.assert_close(autojac.hessian_diag(f, x, strategy="hvp_diag"), expected, **TOL)
+
+
+BATCH_NOT_FIRST = {
+    "W @ x.T": (lambda w: lambda x: torch.tanh(w @ x.T).T, (5, 3)),
+    "sequence first": (lambda w: lambda x: torch.tanh(x.transpose(0, 1) @ w.T).sum(0), (5, 2, 3)),
+    "flattened batch": (lambda w: lambda x: x.reshape(-1).sin().reshape(x.shape[0], -1) ** 2, (5, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(BATCH_NOT_FIRST))
+def test_the_engines_adjoint_forms_follow_values_whose_batch_is_not_first(name):
+    # The forward forms (jet_laplacian, jet_jacobian_fwd) are right; jet_fwd_rev and
+    # jet_jacobian_meet raise torch's RuntimeError ("The expanded size of the tensor (5) must
+    # match the existing size (4)") to the caller instead of computing or not applying.
+    torch.manual_seed(0)
+    make, shape = BATCH_NOT_FIRST[name]
+    f = make(torch.randn(4, 3, dtype=D))
+    x = torch.randn(*shape, dtype=D)
+    hessian = per_sample_hessian(f, x)
+    n = x[0].numel()
+    diagonal = hessian.reshape(*hessian.shape[:-2 * (x.dim() - 1)], n, n).diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(autojac.hessian_diag(f, x, strategy="jet_fwd_rev"),
+                               diagonal.reshape(*diagonal.shape[:-1], *x.shape[1:]), **TOL)
+    if name != "W @ x.T":  # (no cut there)
+        torch.testing.assert_close(autojac.jacobian(f, x, strategy="jet_jacobian_meet"), per_sample_jacobian(f, x),
+                                   **TOL)
+
+
+def test_the_plan_names_max_pool_when_the_engine_has_no_rule_for_it():
+    # The reason reads "no rule for torch.nn.functional.boolean_dispatch.<locals>.fn".
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 1)).double()
+    plan = autojac.explain(net, torch.randn(3, 1, 4, 4, dtype=D), op="laplacian")
+    assert "max_pool2d" in plan.excluded["jet_laplacian"]
