@@ -343,3 +343,35 @@ def test_the_plan_names_max_pool_when_the_engine_has_no_rule_for_it():
     net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 1)).double()
     plan = autojac.explain(net, torch.randn(3, 1, 4, 4, dtype=D), op="laplacian")
     assert "max_pool2d" in plan.excluded["jet_laplacian"]
+
+
+def test_the_engines_adjoint_form_follows_a_cast_inside_f():
+    # f computes part of itself in float32 (x.float() ... .double()): the forward forms are right,
+    # jet_fwd_rev raises "expected scalar type Double but found Float".
+    def f(x):
+        return x.float().sin().double() * x
+
+    x = torch.randn(4, 3, dtype=D)
+    expected = laplacian_of(per_sample_hessian(f, x))
+    torch.testing.assert_close(autojac.laplacian(f, x, strategy="jet_fwd_rev"), expected, rtol=1e-6, atol=1e-6)
+
+
+TIES = torch.tensor([[1.0, 1.0, 0.0], [2.0, 0.0, 2.0], [0.0, 0.0, 0.0]], dtype=D)
+AT_ZERO = torch.tensor([[0.0, 1.5, -2.0], [1.0, 1.0, 1.0]], dtype=D)
+CENTRE = torch.tensor([0.0, 1.5, -2.0], dtype=D)
+
+
+@pytest.mark.parametrize("name,f,x", [
+    ("amax with ties", lambda x: x.amax(-1, keepdim=True) * x, TIES),  # torch splits among ties; engine: first
+    ("amin with ties", lambda x: (-x).amin(-1, keepdim=True) * x, TIES),
+    ("vector_norm at 0", lambda x: torch.linalg.vector_norm(x - CENTRE, dim=-1, keepdim=True), AT_ZERO),  # NaN
+    ("normalize at 0", lambda x: nn.functional.normalize(x - CENTRE, dim=-1), AT_ZERO),  # x / eps there: NaN
+])
+def test_the_engines_first_derivatives_follow_torch_at_ties_and_zeros(name, f, x):
+    # Where torch defines the derivative (ties split evenly; a norm's subgradient 0 at 0; normalize
+    # is x / eps near 0), the engine gives another tie-break or NaN; under 'auto' the cross-check
+    # excludes it, a forced engine strategy returns it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = autojac.jacobian(f, x, strategy="jet_jacobian_fwd")
+    torch.testing.assert_close(got, per_sample_jacobian(f, x), **TOL)
