@@ -405,3 +405,23 @@ def test_the_aux_of_a_large_batch_is_the_whole_batchs(op, strategy):
         else:
             _, aux = getattr(autojac, op)(f, x, has_aux=True, strategy=strategy)
         torch.testing.assert_close(aux, net(x).detach())
+
+
+def test_explain_and_warm_refuse_the_divergence_of_a_non_square_f_as_the_call_does():
+    # autojac.divergence says "the divergence needs f's per-sample output shape to equal its
+    # input's"; explain and warm skip that check and raise NoCandidateError listing every
+    # strategy ("not timed: it does B times the work" ...).
+    net = tanh_mlp(3, 2)
+    x = torch.randn(8, 3, dtype=D)
+    for call in (lambda: autojac.explain(net, x, op="divergence"), lambda: autojac.warm(net, x, ops=("divergence",))):
+        with pytest.raises(ValueError, match="divergence needs"):
+            call()
+
+
+def test_warm_makes_the_hvp_plan_of_a_call_with_dims():
+    # warm's random v is shaped like x, but with dims v has one entry per chosen coordinate:
+    # "v has shape (8, 3); with dims, v is ... shape (8, 2)".
+    net = tanh_mlp(3, 1)
+    x = torch.randn(8, 3, dtype=D)
+    (plan,) = autojac.warm(net, x, ops=("hvp",), dims=[0, 1])
+    assert plan.strategy
