@@ -425,3 +425,20 @@ def test_warm_makes_the_hvp_plan_of_a_call_with_dims():
     x = torch.randn(8, 3, dtype=D)
     (plan,) = autojac.warm(net, x, ops=("hvp",), dims=[0, 1])
     assert plan.strategy
+
+
+def test_a_per_sample_argument_reduced_over_the_batch_inside_f_is_never_cut_into_blocks():
+    # Passes today (the engine never applies with per-sample args); a guard for the fix of the
+    # first test: f(x, s) = net(x * s.mean(0)) is batch-independent in x, but cutting s into the
+    # engine's blocks of samples (or a trust check's head of the batch) changes s.mean(0).
+    net = tanh_mlp(3, 1, width=1024)
+    torch.manual_seed(1)
+    x, s = torch.randn(512, 3, dtype=D), torch.randn(512, 3, dtype=D)
+
+    def f(x, s):
+        return net(x * s.mean(0)).squeeze(-1)
+
+    mean = s.mean(0)
+    expected = laplacian_of(vmap(jacrev(jacrev(lambda xi: net(xi * mean)[0])))(x))
+    for _ in range(2):
+        torch.testing.assert_close(autojac.laplacian(f, x, args=(s,), tune=False), expected, **TOL)
