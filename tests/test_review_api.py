@@ -431,7 +431,7 @@ def test_a_per_sample_argument_reduced_over_the_batch_inside_f_is_never_cut_into
     # Passes today (the engine never applies with per-sample args); a guard for the fix of the
     # first test: f(x, s) = net(x * s.mean(0)) is batch-independent in x, but cutting s into the
     # engine's blocks of samples (or a trust check's head of the batch) changes s.mean(0).
-    net = tanh_mlp(3, 1, width=1024)
+    net = tanh_mlp(3, 1, width=512)  # blocks of 341 samples
     torch.manual_seed(1)
     x, s = torch.randn(512, 3, dtype=D), torch.randn(512, 3, dtype=D)
 
