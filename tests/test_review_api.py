@@ -429,19 +429,18 @@ def test_warm_makes_the_hvp_plan_of_a_call_with_dims():
 
 def test_a_per_sample_argument_reduced_over_the_batch_inside_f_is_never_cut_into_blocks():
     # Passes today (the engine never applies with per-sample args); a guard for the fix of the
-    # first test: f(x, s) = net(x * s.mean(0)) is batch-independent in x, but cutting s into the
-    # engine's blocks of samples (or a trust check's head of the batch) changes s.mean(0).
+    # first test: f(x, s) = net(x * s + s.mean(0)) is batch-independent in x, but cutting s into
+    # the engine's blocks of samples (or a trust check's head of the batch) changes s.mean(0).
     net = tanh_mlp(3, 1, width=512)  # blocks of 341 samples
     torch.manual_seed(1)
     x, s = torch.randn(512, 3, dtype=D), torch.randn(512, 3, dtype=D)
 
     def f(x, s):
-        return net(x * s.mean(0)).squeeze(-1)
+        return net(x * s + s.mean(0)).squeeze(-1)
 
-    first, _, last = net  # by hand: d2/dx_i2 of w2 . tanh(W1 (x * m) + b1) is sum_j w2_j tanh''(a_j) (W1_ji m_i)^2
-    mean = s.mean(0)
-    t = torch.tanh(first(x * mean))
+    first, _, last = net  # by hand: d2/dx_i2 of w2 . tanh(W1 z + b1), z = x * s + m: sum_j w2_j tanh''(a_j) (W1_ji s_i)^2
+    t = torch.tanh(first(x * s + s.mean(0)))
     curvature = -2 * t * (1 - t ** 2) * last.weight[0]  # (B, width)
-    expected = (curvature @ (first.weight * mean).square()).sum(-1).detach()
+    expected = (curvature[:, :, None] * (first.weight[None] * s[:, None, :]).square()).sum((1, 2)).detach()
     for _ in range(2):
         torch.testing.assert_close(autojac.laplacian(f, x, args=(s,), tune=False), expected, **TOL)
