@@ -444,3 +444,31 @@ def test_a_per_sample_argument_reduced_over_the_batch_inside_f_is_never_cut_into
     expected = (curvature[:, :, None] * (first.weight[None] * s[:, None, :]).square()).sum((1, 2)).detach()
     for _ in range(2):
         torch.testing.assert_close(autojac.laplacian(f, x, args=(s,), tune=False), expected, **TOL)
+
+
+@pytest.mark.parametrize("tune", [False, True])
+def test_training_through_the_hvp_of_a_layernorm_model_has_right_gradients(tune):
+    # No extras at all: for an 8-input scalar network with LayerNorm, the heuristic (n > 4 m) and
+    # the tuner (fastest) both choose hvp_rev_rev, whose third-order reverse mode through
+    # native_layer_norm is wrong (pytorch#175754): the parameter gradients of a create_graph HVP
+    # are off by 2x (-8.70 against -17.6 by finite differences); jet_hvp and jet_fwd_rev are right.
+    norm = nn.LayerNorm(6)
+    net = nn.Sequential(*tanh_mlp(8, 1, width=6, norm=norm), nn.Flatten(0))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x, v = torch.randn(6, 8, dtype=D), torch.randn(6, 8, dtype=D)
+    weights = torch.randn(6, 8, dtype=D)
+    params = list(net.parameters())[:-1]
+    torch.manual_seed(2)
+    directions = [torch.randn_like(p) for p in params]
+
+    def reference():
+        hessian = vmap(jacrev(jacrev(lambda xi: net(xi[None])[0])))(x)  # second order: right
+        return (weights * (hessian @ v[:, :, None])[..., 0]).sum()
+
+    expected = _directional_fd(params, directions, reference)
+    hvp = autojac.hvp(net, x, v, create_graph=True, tune=tune)
+    gradients = torch.autograd.grad((weights * hvp).sum(), params)
+    got = sum((g * d).sum() for g, d in zip(gradients, directions)).item()
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
