@@ -472,3 +472,18 @@ def test_training_through_the_hvp_of_a_layernorm_model_has_right_gradients(tune)
     gradients = torch.autograd.grad((weights * hvp).sum(), params)
     got = sum((g * d).sum() for g, d in zip(gradients, directions)).item()
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("form", ["hutchinson", "dims", "several inputs"])
+def test_an_empty_batch_works_with_the_new_forms(form):
+    # The README: "an empty batch ... all work". With reshape(B, -1) at B = 0: "cannot reshape
+    # tensor of 0 elements into shape [0, -1]".
+    net = tanh_mlp(3, 3)
+    x = torch.randn(0, 3, dtype=D)
+    if form == "hutchinson":
+        got, shape = autojac.divergence(net, x, estimator="hutchinson"), (0,)
+    elif form == "dims":
+        got, shape = autojac.jacobian(net, x, dims=[0, 2]), (0, 3, 2)
+    else:
+        got, shape = autojac.jacobian(lambda a, b: net(torch.cat([a, b], 1)), (x[:, :1], x[:, 1:]))[1], (0, 3, 2)
+    assert tuple(got.shape) == shape
