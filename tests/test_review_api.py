@@ -487,3 +487,38 @@ def test_an_empty_batch_works_with_the_new_forms(form):
     else:
         got, shape = autojac.jacobian(lambda a, b: net(torch.cat([a, b], 1)), (x[:, :1], x[:, 1:]))[1], (0, 3, 2)
     assert tuple(got.shape) == shape
+
+
+@pytest.mark.parametrize("strategy", ["jet_jacobian_fwd", "jet_jacobian_rev", "jet_divergence", "jet_laplacian"])
+def test_the_engine_does_not_apply_to_f_that_calls_autograd_grad(strategy):
+    # docs/engine.md lists `autograd.grad` inside f as not handled (the strategies "do not
+    # apply"); in fact the engine applies and takes the gradient field f = grad H as a constant:
+    # its Jacobian and divergence come out 0 (tuning's cross-check hides it under 'auto').
+    torch.manual_seed(0)
+    potential = tanh_mlp(2, 1, width=16)
+
+    def gradient_field(x):
+        with torch.enable_grad():
+            z = x if x.requires_grad else x.detach().requires_grad_()
+            (g,) = torch.autograd.grad(potential(z).sum(), z, create_graph=True)
+        return g
+
+    x = torch.randn(6, 2, dtype=D)
+    hessian = vmap(jacrev(jacrev(lambda xi: potential(xi[None])[0, 0])))(x)  # = the field's Jacobian
+    op = {"jet_jacobian_fwd": "jacobian", "jet_jacobian_rev": "jacobian", "jet_divergence": "divergence",
+          "jet_laplacian": "laplacian"}[strategy]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = getattr(autojac, op)(gradient_field, x, strategy=strategy)
+    except ValueError as error:
+        assert "does not apply" in str(error)
+        return
+    if op == "jacobian":
+        expected = hessian
+    elif op == "divergence":
+        expected = laplacian_of(hessian)
+    else:  # the Laplacian of each component of grad H: third derivatives, by torch.func
+        third = vmap(jacrev(jacrev(jacrev(lambda xi: potential(xi[None])[0, 0]))))(x)
+        expected = third.diagonal(dim1=-2, dim2=-1).sum(-1)
+    torch.testing.assert_close(got, expected, **TOL)
