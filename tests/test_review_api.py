@@ -169,9 +169,8 @@ IN_PLACE = {
 }
 
 
-@pytest.mark.parametrize("name", list(IN_PLACE))
-@pytest.mark.parametrize("op,strategy", [("jacobian", "jet_jacobian_rev"), ("hessian", "jet_fwd_rev"),
-                                         ("laplacian", "jet_fwd_rev")])
+@pytest.mark.parametrize("name,op,strategy", [("mul_ by a traced tensor", "jacobian", "jet_jacobian_rev")] + [
+    (name, op, "jet_fwd_rev") for name in IN_PLACE for op in ("hessian", "laplacian")])
 def test_the_engines_reverse_mode_follows_in_place_operations(name, op, strategy):
     # The forward forms agree with torch.func; the reverse forms give wrong numbers (by 1 to 7)
     # after an in-place update (tuning's cross-check hides it under strategy='auto').
@@ -446,12 +445,13 @@ def test_a_per_sample_argument_reduced_over_the_batch_inside_f_is_never_cut_into
         torch.testing.assert_close(autojac.laplacian(f, x, args=(s,), tune=False), expected, **TOL)
 
 
-@pytest.mark.parametrize("tune", [False, True])
-def test_training_through_the_hvp_of_a_layernorm_model_has_right_gradients(tune):
-    # No extras at all: for an 8-input scalar network with LayerNorm, the heuristic (n > 4 m) and
-    # the tuner (fastest) both choose hvp_rev_rev, whose third-order reverse mode through
-    # native_layer_norm is wrong (pytorch#175754): the parameter gradients of a create_graph HVP
-    # are off by 2x (-8.70 against -17.6 by finite differences); jet_hvp and jet_fwd_rev are right.
+def test_training_through_the_hvp_of_a_layernorm_model_has_right_gradients():
+    # No extras at all: for an 8-input scalar network with LayerNorm, the heuristic (n > 4 m)
+    # chooses hvp_rev_rev, whose third-order reverse mode through native_layer_norm is wrong
+    # (pytorch#175754): the parameter gradients of a create_graph HVP come out 1.06 against 15.3
+    # by finite differences (hvp_fwd_rev 17.8, hvp_rev_fwd 40.3); jet_hvp and jet_fwd_rev are right.
+    # The tuner picks hvp_rev_rev or hvp_fwd_rev too whenever it is the fastest (tune=False here
+    # only so that the test does not depend on timings): tuning cross-checks results, not gradients.
     norm = nn.LayerNorm(6)
     net = nn.Sequential(*tanh_mlp(8, 1, width=6, norm=norm), nn.Flatten(0))
     with torch.no_grad():
@@ -468,7 +468,7 @@ def test_training_through_the_hvp_of_a_layernorm_model_has_right_gradients(tune)
         return (weights * (hessian @ v[:, :, None])[..., 0]).sum()
 
     expected = _directional_fd(params, directions, reference)
-    hvp = autojac.hvp(net, x, v, create_graph=True, tune=tune)
+    hvp = autojac.hvp(net, x, v, create_graph=True, tune=False)
     gradients = torch.autograd.grad((weights * hvp).sum(), params)
     got = sum((g * d).sum() for g, d in zip(gradients, directions)).item()
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
