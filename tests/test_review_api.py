@@ -544,3 +544,22 @@ def test_the_engine_does_not_apply_to_f_that_uses_torch_func(inside):
         assert "does not apply" in str(error)
         return
     torch.testing.assert_close(got, vmap(jacrev(lambda xi: f(xi[None])[0]))(x), **TOL)
+
+
+def test_an_aux_namedtuple_comes_back_detached_as_the_same_type():
+    # _detached rebuilds tuples with type(value)(generator), which a namedtuple's constructor does
+    # not take: "P.__new__() missing 1 required positional argument: 's'". (An OrderedDict comes
+    # back as a plain dict, and a dataclass's tensors are not detached, for the same reason.)
+    import collections
+
+    Pair = collections.namedtuple("Pair", "y s")
+    net = tanh_mlp(3, 3)
+
+    def f(x):
+        y = net(x)
+        return y, Pair(y, y.sum(-1))
+
+    x = torch.randn(4, 3, dtype=D)
+    _, aux = autojac.jacobian(f, x, has_aux=True, strategy="sum_rev")
+    assert type(aux) is Pair and not aux.y.requires_grad
+    torch.testing.assert_close(aux.s, net(x).sum(-1).detach(), **TOL)
