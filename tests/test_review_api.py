@@ -563,3 +563,28 @@ def test_an_aux_namedtuple_comes_back_detached_as_the_same_type():
     _, aux = autojac.jacobian(f, x, has_aux=True, strategy="sum_rev")
     assert type(aux) is Pair and not aux.y.requires_grad
     torch.testing.assert_close(aux.s, net(x).sum(-1).detach(), **TOL)
+
+
+@pytest.mark.parametrize("form", ["dims", "args", "derivatives"])
+def test_the_plan_required_error_tells_how_to_warm_the_very_call(form, monkeypatch):
+    # Under AUTOJAC_REQUIRE_PLAN=1 the advice is `autojac.warm(f, x, ops=('laplacian',)) with x of
+    # shape (4,1)` for a call with x (4, 3) and dims=[0] (a different plan, and f fails on (4, 1));
+    # for args and a set of derivatives it leaves out args= and the quantities (warm's own `ops`
+    # cannot even take them), so following it never makes the plan that was missing.
+    monkeypatch.setenv("AUTOJAC_REQUIRE_PLAN", "1")
+    net = tanh_mlp(3, 3)
+    x = torch.randn(4, 3, dtype=D)
+    with pytest.raises(autojac.PlanRequiredError) as caught:
+        if form == "dims":
+            autojac.laplacian(net, x, dims=[0])
+        elif form == "args":
+            autojac.laplacian(lambda x, t: net(x) * t, x, args=(0.5,))
+        else:
+            autojac.derivatives(net, x, ops=("value", "hessian"))
+    message = str(caught.value)
+    if form == "dims":
+        assert "dims" in message and "(4,1)" not in message.replace(" ", "")
+    elif form == "args":
+        assert "args" in message
+    else:
+        assert "hessian" in message
