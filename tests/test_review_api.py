@@ -1,7 +1,8 @@
 """An adversarial review of the newest features (args/in_dims, dims, has_aux, derivatives,
-divergence, the structure-aware engine): each test is a failing input found by the review, with
-its expected behaviour taken from an independent reference (torch.func, an explicit per-sample
-loop, or float64 finite differences where PyTorch's own higher derivatives are wrong)."""
+divergence, the structure-aware engine): each test is a failing input found by the review (but one
+guard, which says so), with its expected behaviour taken from an independent reference (torch.func,
+an explicit per-sample loop, or float64 finite differences where PyTorch's own higher derivatives
+are wrong)."""
 
 import warnings
 
@@ -348,7 +349,8 @@ def test_the_engines_adjoint_forms_follow_values_whose_batch_is_not_first(name):
 
 def test_the_plan_names_max_pool_when_the_engine_has_no_rule_for_it():
     # The reason reads "no rule for torch.nn.functional.boolean_dispatch.<locals>.fn".
-    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 1)).double()
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(8, 1)).double()
     plan = autojac.explain(net, torch.randn(3, 1, 4, 4, dtype=D), op="laplacian")
     assert "max_pool2d" in plan.excluded["jet_laplacian"]
 
@@ -437,7 +439,8 @@ def test_a_per_sample_argument_reduced_over_the_batch_inside_f_is_never_cut_into
     def f(x, s):
         return net(x * s + s.mean(0)).squeeze(-1)
 
-    first, _, last = net  # by hand: d2/dx_i2 of w2 . tanh(W1 z + b1), z = x * s + m: sum_j w2_j tanh''(a_j) (W1_ji s_i)^2
+    # by hand: d2/dx_i2 of w2 . tanh(W1 z + b1), z = x * s + m, is sum_j w2_j tanh''(a_j) (W1_ji s_i)^2
+    first, _, last = net
     t = torch.tanh(first(x * s + s.mean(0)))
     curvature = -2 * t * (1 - t ** 2) * last.weight[0]  # (B, width)
     expected = (curvature[:, :, None] * (first.weight[None] * s[:, None, :]).square()).sum((1, 2)).detach()
