@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from . import calls, config
-from .errors import AutojacError
+from .errors import AutojacError, PlanRequiredError
 from .models import DERIVATIVES, OPS, Op, Plan
-from .planner import default_planner
+from .planner import default_planner, missing_plan_message
 from .problem import BatchedFn, Problem, check_f, check_output, check_v, result_shape
 from .signature import FnInfo, Signature, describe, signature
 from .strategies.registry import normal_tensor
@@ -146,9 +146,17 @@ def divergence(f: BatchedFn, x: Tensor, *, args: Sequence[Any] = (), in_dims: An
         (B,): sum_i d f(x)[b, i] / d x[b, i].
     """
     if estimator == "hutchinson":
+        _check_options(strategy, create_graph, batch_independent, tune, has_aux)
+        if strategy != "auto":
+            raise ValueError(f"strategy={strategy!r} names a way to compute the exact divergence; the Hutchinson "
+                             f"estimate has one way. Leave strategy out, or use estimator='exact'")
         return _hutchinson(f, x, args, in_dims, has_aux, samples, generator, create_graph)
     if estimator != "exact":
         raise ValueError(f"estimator must be 'exact' or 'hutchinson'; got {estimator!r}")
+    if samples != 1 or generator is not None:
+        given = f"samples={samples!r}" if samples != 1 else "a generator"
+        raise ValueError(f"{given} was given, but probes (samples, generator) belong to estimator='hutchinson'; the "
+                         f"exact divergence draws none. Pass estimator='hutchinson', or leave them out")
     return _run("divergence", f, x, None, args, in_dims, has_aux, None, strategy, create_graph, batch_independent,
                 tune)
 
@@ -202,8 +210,10 @@ def plan_for(op: str, f: BatchedFn, x: Inputs, *, v: Tensor | None = None, args:
     with _autograd_available(create_graph):
         call, sig, info = _prepare(op, f, x, v, args, in_dims, has_aux, dims, "auto", create_graph,
                                    batch_independent, tune, want)
-        problem = call.problem
         planner = default_planner()
+        problem = planner.exact(sig, call.problem)
+        if op == "divergence":
+            _check_square(planner.probes(sig, problem).out_shape, problem.in_shape)
         tuning = config.tuning_enabled(tune)
         plan = planner.cached(sig, problem)
         if plan is not None and plan.tuned_batch is not None and not nearby:
@@ -241,14 +251,24 @@ def _run(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], i
                           tune, extra, want)
                 entry = default_planner().serve(f, glance)
                 if entry is not None:
-                    call = calls.reduce(op, f, x, v, create_graph, args=args, in_dims=in_dims, has_aux=has_aux,
-                                        dims=dims, checked=True, want=want)
-                    if v is not None or op == "hvp":
-                        _check_direction(op, call.problem.v, call.problem.x)
-                    return _finish(call, entry(call.problem))
+                    if not torch.is_inference_mode_enabled():
+                        return _serve_extras(entry, op, f, x, v, args, in_dims, has_aux, dims, create_graph, want)
+                    with _autograd_available(create_graph):  # f's tensor arguments as normal ones, as a first call
+                        return _serve_extras(entry, op, f, _normal(x), _normal(v), _normal(tuple(args)), in_dims,
+                                             has_aux, dims, create_graph, want)
     with _autograd_available(create_graph):
         return _slow(op, f, x, v, args, in_dims, has_aux, dims, strategy, create_graph, batch_independent, tune,
                      want, glance)
+
+
+def _serve_extras(entry: Any, op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], in_dims: Any,
+                  has_aux: bool, dims: QuantityDims, create_graph: bool, want: tuple[str, ...]) -> Any:
+    """A served plan applied to a call with extras (args, dims, aux, several inputs)."""
+    call = calls.reduce(op, f, x, v, create_graph, args=args, in_dims=in_dims, has_aux=has_aux, dims=dims,
+                        checked=True, want=want)
+    if v is not None or op == "hvp":
+        _check_direction(op, call.problem.v, call.problem.x)
+    return _finish(call, entry(call.problem))
 
 
 def _slow(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], in_dims: Any, has_aux: bool,
@@ -264,14 +284,49 @@ def _slow(op: str, f: BatchedFn, x: Any, v: Tensor | None, args: Sequence[Any], 
         _check_square(planner.probes(sig, problem).out_shape, problem.in_shape)
     if strategy != "auto":
         chosen, chunk = planner.forced(sig, problem, strategy)
+        problem = planner.exact(sig, problem)
         planner.check_forced(sig, problem, chosen, chunk, info)
         _reset(call)
         return _finish(call, chosen(problem, chunk))
-    entry, result = planner.entry(problem, sig, info, tune, glance, owner=f)
+    try:
+        entry, result = planner.entry(problem, sig, info, tune, glance, owner=f)
+    except PlanRequiredError as error:
+        if not call.spec and not want:
+            raise
+        advice = _warm_call(op, x, args, in_dims, has_aux, dims, want, create_graph)
+        raise PlanRequiredError(missing_plan_message(error.sig, error.store, advice)) from None
     if result is None or call.aux is not None:  # aux must come from the answer's own forward pass
         _reset(call)
         result = entry(problem)
     return _finish(call, result)
+
+
+def _warm_call(op: str, x: Any, args: Sequence[Any], in_dims: Any, has_aux: bool, dims: QuantityDims,
+               want: tuple[str, ...], create_graph: bool) -> str:
+    """The autojac.warm call that makes the plan of this call (extras included), as text."""
+    def text(value: Any) -> str:
+        if isinstance(value, Tensor):
+            return f"<a tensor of shape {tuple(value.shape)}>"
+        if isinstance(value, (tuple, list)):
+            inner = ", ".join(map(text, value)) + ("," if len(value) == 1 else "")
+            return f"({inner})"
+        return repr(value)
+
+    parts = [f"ops=({op!r},)"]
+    if want:
+        parts.append(f"quantities={tuple(want)!r}")
+    if dims is not None:
+        parts.append("dims=" + (repr({k: list(calls.dims_values(d)) for k, d in dims.items()})
+                                if isinstance(dims, Mapping) else repr(list(calls.dims_values(dims)))))
+    if args:
+        parts.append(f"args={text(tuple(args))}")
+    if in_dims is not None:
+        parts.append(f"in_dims={in_dims!r}")
+    if has_aux:
+        parts.append("has_aux=True")
+    if create_graph:
+        parts.append("create_graph=True")
+    return f"autojac.warm(f, x, {', '.join(parts)}) with x {text(x)} (the call's own x and arguments)"
 
 
 def _reset(call: calls.Call) -> None:
@@ -398,6 +453,8 @@ def _hutchinson(f: BatchedFn, x: Tensor, args: Sequence[Any], in_dims: Any, has_
         call = calls.reduce("divergence", f, _normal(x), None, create_graph, args=_normal(tuple(args)),
                             in_dims=in_dims, has_aux=has_aux)
         problem = call.problem
+        if problem.x.numel() == 0:
+            return _finish(call, _empty(problem))
         from .strategies.divergence import hutchinson  # the one module that knows how
 
         with torch.enable_grad():

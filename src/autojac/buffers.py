@@ -14,14 +14,18 @@ class BufferSnapshot:
     """Every buffer of some modules (BatchNorm's running statistics, say) as it was when taken."""
 
     def __init__(self, modules: Sequence[nn.Module]):
-        self.saved = [(b, b.detach().clone()) for m in modules for b in m.buffers(recurse=False)]
+        self.saved = [(b, b._version, b.detach().clone()) for m in modules for b in m.buffers(recurse=False)]
 
     def restore(self) -> None:
+        """Write back the buffers that changed: an untouched buffer keeps its version, so a graph the
+        caller built earlier that saved it (Fourier features' frequencies, say) stays usable."""
         if not self.saved:
             return
         with torch.no_grad():
-            for buffer, copy in self.saved:
-                buffer.copy_(copy)
+            for buffer, version, copy in self.saved:
+                # (the fused batch_norm kernel updates running statistics without bumping the version)
+                if buffer._version != version or not torch.equal(buffer, copy):
+                    buffer.copy_(copy)
 
 
 @contextlib.contextmanager

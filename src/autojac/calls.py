@@ -20,6 +20,8 @@ reduced to it here, and its result is mapped back:
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import contextvars
 import functools
 import math
@@ -27,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -78,12 +81,23 @@ class AuxCatcher:
 
 
 def _detached(value: Any) -> Any:
+    """value with every tensor in it detached, its containers of the same types (namedtuples,
+    OrderedDicts and dataclasses included)."""
     if isinstance(value, Tensor):
         return value.detach()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_detached(v) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_detached(v) for v in value)
     if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
+        copied = copy.copy(value)  # its type and state (a defaultdict's factory), then its values
+        for k, v in value.items():
+            copied[k] = _detached(v)
+        return copied
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {field.name: _detached(getattr(value, field.name)) for field in dataclasses.fields(value)
+                  if field.init}
+        return dataclasses.replace(value, **fields)
     return value
 
 
@@ -116,6 +130,9 @@ def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None
     inputs = tuple(x) if several else (x,)
     if not checked:
         _check_inputs(op, inputs, several)
+        if several and dims is not None:
+            raise ValueError("dims picks coordinates of one input, but x is a tuple of several: pass the input whose "
+                             "coordinates you want as x and the others through args=(...), or leave dims out")
     batch = inputs[0].shape[0]
     dims_of_args = arg_dims(in_dims, args, batch, checked)
     parts: list[str] = []
@@ -127,7 +144,7 @@ def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None
     if several:
         shapes = [tuple(t.shape[1:]) for t in inputs]
         sizes = [math.prod(s) for s in shapes]
-        z = torch.cat([t.reshape(batch, -1) for t in inputs], dim=1)
+        z = torch.cat([t.reshape(batch, math.prod(t.shape[1:])) for t in inputs], dim=1)
 
         def joined(z: Tensor, *rest: Any) -> Tensor:
             pieces = z.split(sizes, dim=1)
@@ -144,14 +161,14 @@ def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None
     if isinstance(dims, Mapping):
         dims, jacobian_at, second_at = _per_quantity(op, dims, want, math.prod(z.shape[1:]))
     if dims is not None:
-        index = _index(tuple(dims.tolist() if isinstance(dims, Tensor) else dims), math.prod(z.shape[1:]), z.device)
+        index = _index(dims_values(dims), math.prod(z.shape[1:]), z.device)
         whole, inner = z, base
 
         listed = index.tolist()
         run = listed == list(range(listed[0], listed[-1] + 1))
 
         def chosen(w: Tensor, rest_x: Tensor, *rest: Any) -> Tensor:
-            flat = rest_x.reshape(rest_x.shape[0], -1)
+            flat = rest_x.reshape(rest_x.shape[0], math.prod(rest_x.shape[1:]))
             if run:  # a run of coordinates: a concatenation, which every strategy and the engine follow
                 flat = torch.cat([flat[:, : listed[0]], w, flat[:, listed[-1] + 1:]], dim=1)
             else:
@@ -160,7 +177,7 @@ def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None
             return inner(flat.view(rest_x.shape), *rest)
 
         base = chosen
-        z = whole.reshape(batch, -1)[:, index]
+        z = whole.reshape(batch, math.prod(whole.shape[1:]))[:, index]
         extra, extra_dims = (whole,), (0,)
         parts.append("dims=" + ",".join(map(str, index.tolist())) if not checked else "")
         if v is not None and v.shape != z.shape:
@@ -300,6 +317,21 @@ def arg_dims(in_dims: Any, args: tuple[Any, ...], batch: int, checked: bool = Fa
     return tuple(None if d is None else d % args[i].dim() for i, d in enumerate(dims))
 
 
+def dims_values(dims: Any) -> tuple[Any, ...]:
+    """dims as a tuple: a sequence of ints, or a 1-D integer tensor or array (the ints are checked later)."""
+    if isinstance(dims, (Tensor, np.ndarray)):
+        integer = (not dims.dtype.is_floating_point and not dims.dtype.is_complex and dims.dtype != torch.bool
+                   if isinstance(dims, Tensor) else dims.dtype.kind in "iu")
+        if dims.ndim != 1 or not integer:
+            raise TypeError(f"dims must be a 1-D sequence of int indices into the flattened per-sample input; got a "
+                            f"{dims.ndim}-D {type(dims).__name__} of {dims.dtype}. For one coordinate give [i]")
+        return tuple(int(d) for d in dims.tolist())
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
+        raise TypeError(f"dims must be a sequence of int indices into the flattened per-sample input; got "
+                        f"{type(dims).__name__} {dims!r}. For one coordinate give [i]")
+    return tuple(int(d) if isinstance(d, np.integer) else d for d in dims)
+
+
 @functools.lru_cache(maxsize=256)
 def _index(dims: tuple[Any, ...], n: int, device: torch.device) -> Tensor:
     """The checked index tensor of `dims` (cached: a call's dims are the same call after call)."""
@@ -337,8 +369,8 @@ def glance(args: Sequence[Any], in_dims: Any, has_aux: bool, dims: Any, x: Any) 
         shapes = tuple((a.shape, a.dtype, a.device) if isinstance(a, Tensor) else
                        (type(a), a if isinstance(a, (bool, str, type(None))) else None) for a in args)
         inputs = tuple((t.shape, t.dtype, t.device, t.layout) for t in x) if isinstance(x, (tuple, list)) else None
-        chosen = (None if dims is None else tuple(sorted((k, tuple(v)) for k, v in dims.items()))
-                  if isinstance(dims, Mapping) else tuple(dims.tolist() if isinstance(dims, Tensor) else dims))
+        chosen = (None if dims is None else tuple(sorted((k, dims_values(v)) for k, v in dims.items()))
+                  if isinstance(dims, Mapping) else dims_values(dims))
         key = (shapes, in_dims if not isinstance(in_dims, list) else tuple(in_dims), has_aux, chosen, inputs)
         hash(key)
         return key

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AutojacWarning(UserWarning):
     """Something autojac worked around that the user may want to know about."""
@@ -28,6 +30,9 @@ class NonDeterministicError(ValueError):
 
 class PlanRequiredError(AutojacError):
     """AUTOJAC_REQUIRE_PLAN=1 and no stored plan matches the call."""
+
+    sig: Any = None  # the call's Signature
+    store: Any = None  # where the plan was looked for
 
 
 class PlanFileError(AutojacError, ValueError):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import api, config
-from .calls import arg_dims
+from .calls import arg_dims, dims_values
 from .cache import DiskStore, EnvironmentStore, read_plan_file, unusable_reason, write_plan_file
 from .models import Op, Plan
 from .planner import default_planner
@@ -109,7 +109,7 @@ def import_plans(path: str | os.PathLike[str]) -> ImportCounts:
 
 
 def warm(f: BatchedFn, x: Tensor, ops: Sequence[Op] = ("jacobian",), *, batch_sizes: Sequence[int] | None = None,
-         **kwargs: Any) -> list[Plan]:
+         quantities: Sequence[api.Quantity] = ("value", "jacobian", "laplacian"), **kwargs: Any) -> list[Plan]:
     """Make the plans of `ops` for f at a batch shaped like x now (tuning unless tune=False is
     given, even under AUTOJAC_TUNE=0 or AUTOJAC_REQUIRE_PLAN=1), and store them. A signature that
     already has a tuned plan is not tuned again. With `batch_sizes`, the plans of each of those
@@ -117,6 +117,7 @@ def warm(f: BatchedFn, x: Tensor, ops: Sequence[Op] = ("jacobian",), *, batch_si
     warmed one reuses its plan untimed). Other keyword arguments (create_graph=,
     batch_independent=, v=, args=, in_dims=, dims=, has_aux=) go to `autojac.explain`; for "hvp"
     without v, a random v shaped like x is used (the plan does not depend on v's values).
+    `quantities` are the ones "derivatives" in ops computes (derivatives' own ops=).
     Returns the plans, one per op and batch size."""
     if isinstance(ops, str):
         raise TypeError(f"ops must be a sequence of operation names, e.g. ({ops!r},); got the string {ops!r}")
@@ -134,8 +135,11 @@ def warm(f: BatchedFn, x: Tensor, ops: Sequence[Op] = ("jacobian",), *, batch_si
             resized = {**kwargs, **_resized_arguments(kwargs, x.shape[0], batch)}
             sample = _resized(x, batch)
             for op in ops:
-                extra: dict[str, Any] = ({"v": torch.randn_like(sample)} if op == "hvp" and resized.get("v") is None
-                                         else {})
+                extra: dict[str, Any] = {"ops": quantities} if op == "derivatives" else {}
+                if op == "hvp" and resized.get("v") is None:  # with dims, v has one entry per chosen coordinate
+                    dims = resized.get("dims")
+                    shape = sample.shape if dims is None else (batch, len(dims_values(dims)))
+                    extra["v"] = torch.randn(shape, dtype=sample.dtype, device=sample.device)
                 plan = api.plan_for(op, f, sample, **resized, **extra, nearby=False)
                 default_planner().store.put(plan)  # a plan memoized before AUTOJAC_CACHE_DIR changed, too
                 made.append(plan)

@@ -155,7 +155,8 @@ class Served:
     it, so that the schedule of its checks (trust.py) counts every call, whichever f object makes
     it (a lambda made anew at each step too), and a plan made again serves every entry at once."""
 
-    __slots__ = ("plan", "strategy", "chunk", "calls", "next_check", "generation", "lock", "fixed", "fixed_changes")
+    __slots__ = ("plan", "strategy", "chunk", "calls", "next_check", "generation", "lock", "fixed", "fixed_changes",
+                 "exact_norms")
 
     def __init__(self, sig: Signature, plan: Plan) -> None:
         self.calls = 0
@@ -163,6 +164,7 @@ class Served:
         self.lock = threading.Lock()
         self.fixed: tuple[int, ...] | None = None  # the ints f was made with (FnInfo.fixed) when last checked
         self.fixed_changes = 0
+        self.exact_norms = False  # Planner.exact: calls run f's fused normalizations as plain operations
         self.rebind(sig, plan)
 
     def rebind(self, sig: Signature, plan: Plan) -> None:
@@ -195,6 +197,8 @@ class Entry:
     def __call__(self, problem: Problem) -> Tensor:
         served = self.served
         served.calls += 1
+        if served.exact_norms:
+            problem = problem.replace(exact_norms=True)
         if served.calls >= served.next_check or self.pending:
             return self.planner.recheck(self, problem)
         return served.strategy(problem, served.chunk)
@@ -243,6 +247,7 @@ class Planner:
         looks it up by that f: problem.f may wrap it anew on every call); and the result when making
         the plan computed it."""
         tuning = config.tuning_enabled(tune)
+        problem = self.exact(sig, problem)
         plan = self.cached(sig, problem)
         result, made = None, False
         if plan is None:
@@ -256,6 +261,7 @@ class Planner:
             if checked is not plan:  # the plan changed: its result must come from the new plan
                 plan, result = checked, None
         served = self._served_for(sig, plan)
+        served.exact_norms = problem.exact_norms
         entry = Entry(self, sig, info, served, tune)
         owner = owner if owner is not None else problem_f(problem)
         slot, name = weak_slot(owner, self._entries, make=True) if glance is not None else (None, None)
@@ -323,7 +329,9 @@ class Planner:
             if plan is not None and (plan.tuned or not tune or follower or required):
                 return plan, None
             if required:
-                raise PlanRequiredError(_missing_plan_message(sig, self.store))
+                error = PlanRequiredError(missing_plan_message(sig, self.store))
+                error.sig, error.store = sig, self.store
+                raise error
             if follower:  # rank 0 decides; only when it cannot be heard from does this rank choose
                 plan, why = distributed.fetch(sig.key, sig.op)
                 if plan is not None:
@@ -335,6 +343,13 @@ class Planner:
             plan, result = self._make(sig, problem, tune, settings or TuneSettings.from_env(), exclude=exclude)
             distributed.publish(plan)
             return plan, result
+
+    def exact(self, sig: Signature, problem: Problem) -> Problem:
+        """The problem, with f's fused normalizations run as plain operations where the result keeps
+        its graph (norms.py: their derivatives beyond second order are wrong in PyTorch)."""
+        if not sig.create_graph or problem.exact_norms or not self.probes(sig, problem).fused_norm:
+            return problem
+        return problem.replace(exact_norms=True)
 
     def probes(self, sig: Signature, problem: Problem) -> Probes:
         """Probe f once per signature (the operation and create_graph do not matter)."""
@@ -666,7 +681,10 @@ def _describes(plan: Plan, sig: Signature) -> bool:
         sig.create_graph, sig.fn_name, sig.fingerprint, sig.torch_version)
 
 
-def _missing_plan_message(sig: Signature, store: PlanStore) -> str:
+def missing_plan_message(sig: Signature, store: PlanStore, warm_call: str | None = None) -> str:
+    """Why a call under AUTOJAC_REQUIRE_PLAN=1 has no plan, and how to make it: `warm_call` is the
+    autojac.warm call that makes it, where the call has extras (args, dims, a set of derivatives)
+    that the plain advice and the CLI do not carry."""
     shape = ",".join(str(size) for size in (sig.batch, *sig.in_shape))
     where = []
     path = getattr(store, "path", None)
@@ -680,14 +698,17 @@ def _missing_plan_message(sig: Signature, store: PlanStore) -> str:
     flag = " --eval" if sig.training and not any(sig.training) else ""
     mixed = (" with its modules in the same training modes (some are in eval mode)"
              if any(sig.training) and not all(sig.training) else "")
+    if warm_call is None:
+        advice = (f"autojac.warm(f, x, ops=({sig.op!r},){graph}) with x of shape ({shape}), or "
+                  f"`autojac warm MODULE:ATTR --input-shape {shape} --dtype {sig.dtype} --device {sig.device} "
+                  f"--op {sig.op}{' --create-graph' if graph else ''}{flag}`{mixed}")
+    else:
+        advice = f"{warm_call}{mixed}"
     return (
         f"no stored plan for {sig.op} of {sig.fn_name} [B={sig.batch} in={sig.in_shape} {sig.dtype} "
         f"{sig.device} ({sig.device_name}){graph}], key {sig.key}, and AUTOJAC_REQUIRE_PLAN=1 forbids making "
-        f"one (looked in {' and '.join(where) or 'memory'}). Pre-warm it where plans are made: "
-        f"autojac.warm(f, x, ops=({sig.op!r},){graph}) with x of shape ({shape}), or "
-        f"`autojac warm MODULE:ATTR --input-shape {shape} --dtype {sig.dtype} --device {sig.device} "
-        f"--op {sig.op}{' --create-graph' if graph else ''}{flag}`{mixed}; then ship the plans (autojac export, and "
-        f"AUTOJAC_PLANS or autojac import here), or unset AUTOJAC_REQUIRE_PLAN"
+        f"one (looked in {' and '.join(where) or 'memory'}). Pre-warm it where plans are made: {advice}; then "
+        f"ship the plans (autojac export, and AUTOJAC_PLANS or autojac import here), or unset AUTOJAC_REQUIRE_PLAN"
     )
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from .numerics import agree
+from .norms import fused_norm
 from .problem import BatchedFn, Problem, check_output, hint_unbatched
 from .strategies.basis import one_sample, per_sample
 
@@ -37,6 +38,7 @@ class Probes:
     coupling: str = ""  # why f is not batch-independent, when it is not
     vmap_error: str = ""  # why vmap failed, when it did
     nondeterminism: str = ""  # how two calls differed, when they did
+    fused_norm: str = ""  # a fused normalization in f's graph (norms.py), if any
 
 
 def run_probes(f: BatchedFn, x: Tensor, batch_independent: bool | None = None,
@@ -68,7 +70,7 @@ def run_probes(f: BatchedFn, x: Tensor, batch_independent: bool | None = None,
     return Probes(
         out_shape=out_shape, batch_independent=independent, vmap_ok=not vmap_error,
         deterministic=same, activations=saved.total, out_dtype=y.dtype, coupling=coupling, vmap_error=vmap_error,
-        nondeterminism=nondeterminism,
+        nondeterminism=nondeterminism, fused_norm=fused_norm(y),
     )
 
 

@@ -33,6 +33,7 @@ class Problem:
     arg_dims: tuple[int | None, ...] = ()
     want: tuple[str, ...] = ()  # derivatives only: the quantities asked for, in models.DERIVATIVES' order
     second_dims: tuple[int, ...] | None = None  # derivatives only: the input coordinates of the second order
+    exact_norms: bool = False  # run f's fused normalizations as plain operations (norms.py)
 
     @property
     def batch(self) -> int:

@@ -16,9 +16,10 @@ from torch import Tensor
 from torch.func import jacfwd, jacrev
 
 from ..problem import Problem, Sizes, result_shape
-from .basis import batched_grad, chosen_seeds, grad_input, joined, ones_seed, per_sample, row_seeds, spans, vjp_of
+from .basis import (batched_grad, chosen_seeds, entry_samples, grad_input, joined, ones_seed, own_sample_gradients,
+                    own_sample_span, per_sample, row_seeds, spans, vjp_of)
 from .curvature import diagonal_of, double_pass_memory, input_basis_rows
-from .registry import BATCH_INDEPENDENT, VMAP, Strategy, register, set_heuristic
+from .registry import BATCH_INDEPENDENT, COUPLED_CHUNKS, VMAP, Strategy, register, set_heuristic
 
 DERIVATIVES_OP = frozenset({"derivatives"})
 SECOND = ("hessian_diag", "laplacian", "hessian")
@@ -124,9 +125,38 @@ def _vmap(p: Problem, chunk: int | None) -> tuple[Tensor, ...]:
     return _ordered(found, p, tuple(results[0].shape[1:]))
 
 
+def _full(p: Problem, chunk: int | None) -> tuple[Tensor, ...]:
+    # Batch-coupled f: each sample's own blocks from rows of the whole batch's derivatives (B times
+    # the work of the batch trick). Per span of `chunk` output entries, their own-sample gradients
+    # (Jacobian rows), differentiated again where second derivatives are asked.
+    second = any(q in SECOND for q in p.want)
+    x = grad_input(p)
+    y = p.f(x)
+    out_shape, flat = tuple(y.shape[1:]), y.reshape(-1)
+    found: dict[str, Tensor] = {"value": y}
+    if flat.numel() and flat.requires_grad and (second or "jacobian" in p.want):
+        samples = entry_samples(flat, p.batch)
+        firsts, seconds = [], []
+        for start, stop in spans(flat.numel(), chunk):
+            first = own_sample_span(flat, samples, x, start, stop, create_graph=second or p.create_graph)
+            firsts.append(first)  # (k, *in)
+            if second:
+                seconds.append(own_sample_gradients(first.reshape(-1), samples[start:stop].repeat_interleave(p.n),
+                                                    x, chunk, p.create_graph))  # (k n, *in)
+        found["jacobian"] = joined(firsts).reshape(p.batch, *out_shape, *p.in_shape)
+        if second:
+            _second_from(found, p, joined(seconds).reshape(p.batch, *out_shape, *p.in_shape, *p.in_shape))
+    return _ordered(found, p, out_shape)
+
+
 def _memory(s: Sizes, chunk: int | None) -> int:
     c = chunk or s.n
     return double_pass_memory(s, c, s.batch * s.n, "hessian") + s.m * s.activations
+
+
+def _full_memory(s: Sizes, chunk: int | None) -> int:
+    c = chunk or s.batch * s.m  # output entries per span; their n-fold second level, as many at a time
+    return double_pass_memory(s, c, s.batch * s.m, "hessian") + s.tensor(c * s.n, s.batch, s.n)
 
 
 def _vmap_memory(s: Sizes, chunk: int | None) -> int:
@@ -142,6 +172,12 @@ register(Strategy(
     name="vmap_derivatives", ops=DERIVATIVES_OP, run=_vmap, memory=_vmap_memory,
     needs=frozenset({BATCH_INDEPENDENT, VMAP}),
     summary="vmap over samples of jacfwd(jacrev(f)) with the lower orders as auxiliary outputs",
+))
+
+register(Strategy(
+    name="full_derivatives", ops=DERIVATIVES_OP, run=_full, memory=_full_memory,
+    basis=lambda s: s.batch * s.m, chunks=COUPLED_CHUNKS, coupled_only=True, autograd=True,
+    summary="own-sample blocks of the whole batch's derivatives, row by row; exact for batch-coupled f",
 ))
 
 

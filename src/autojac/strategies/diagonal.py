@@ -47,8 +47,12 @@ def _hvp_diag(p: Problem, chunk: int | None) -> Tensor:
     jacobian = summed_jacobian(p.f)  # (*out, B, *in)
     in_dims = tuple(range(-len(p.in_shape), 0))
 
+    def picked(z: Tensor, t: Tensor) -> Tensor:  # (*out, B): coordinate i of each gradient
+        product = jacobian(z) * t
+        return product.sum(in_dims) if in_dims else product  # (sum(()) would sum every dimension)
+
     def second(t: Tensor) -> Tensor:
-        return jvp(lambda z: (jacobian(z) * t).sum(in_dims), (p.x,), (t,))[1].movedim(-1, 0)
+        return jvp(lambda z: picked(z, t), (p.x,), (t,))[1].movedim(-1, 0)
 
     return finish_diagonal(p, _diagonal_along_basis(p, chunk, second))
 

@@ -98,7 +98,7 @@ def hutchinson(p: Problem, samples: int, generator: torch.Generator | None) -> T
         grads = vjp_of(y, x, probes[0], retain=False, create_graph=p.create_graph).unsqueeze(0)
     else:
         grads = vjp_of(y, x, probes, retain=False, create_graph=p.create_graph, batched=True)
-    return (grads * probes).reshape(samples, p.batch, -1).sum(-1).mean(0)
+    return (grads * probes).reshape(samples, p.batch, p.n).sum(-1).mean(0)
 
 
 def _memory(s: Sizes, chunk: int | None) -> int:

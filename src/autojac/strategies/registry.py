@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..norms import ExactNorms
 from ..problem import Problem, Sizes
 
 BATCH_INDEPENDENT = "batch_independent"
@@ -79,6 +80,9 @@ class Strategy:
         the parameters f uses, also when called under torch.no_grad())."""
         if torch.is_inference_mode_enabled():
             return self._outside_inference(problem, chunk)
+        if problem.exact_norms:
+            with ExactNorms():
+                return self(problem.replace(exact_norms=False), chunk)
         if problem.create_graph or self.autograd:
             if torch.is_grad_enabled():
                 result = self.run(problem, chunk)
