@@ -142,6 +142,17 @@ def test_warm_tunes_now_even_with_tuning_off_and_returns_the_plans(monkeypatch):
     assert_close(autojac.jacobian(f, x), loop_jacobian(f, x))
 
 
+def test_warm_makes_the_plan_of_a_set_of_derivatives_that_the_call_then_serves(monkeypatch):
+    f, x = mlp(3, 1, width=8), torch.randn(6, 3)
+    (plan,) = autojac.warm(f, x, ops=("derivatives",), quantities=("value", "hessian_diag"), tune=False)
+    assert plan.op == "derivatives"
+    monkeypatch.setenv("AUTOJAC_REQUIRE_PLAN", "1")  # the call finds the warmed plan: no error
+    found = autojac.derivatives(f, x, ops=("value", "hessian_diag"))
+    assert found.hessian_diag is not None and found.hessian_diag.shape == (6, 1, 3)
+    with pytest.raises(autojac.PlanRequiredError, match=r"quantities=\('value', 'hessian'\)"):
+        autojac.derivatives(f, x, ops=("value", "hessian"))  # another set: another plan, and the advice says so
+
+
 def test_warm_refuses_unknown_operations_naming_the_known_ones():
     f, x = mlp(5, 3), torch.randn(4, 5)
     with pytest.raises(ValueError, match=r"unknown operation 'jacobain'; known: .*jacobian"):
