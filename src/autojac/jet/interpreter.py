@@ -340,6 +340,8 @@ def name_of(func: Any) -> str:
     if getattr(func, "__name__", "") == "__get__" and owner is not None:  # a property
         return f"torch.Tensor.{getattr(owner, '__name__', '?')}"
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    if "<locals>" in name:  # made by a factory (F.max_pool2d is boolean_dispatch.<locals>.fn): its own name
+        name = getattr(func, "__name__", name)
     module = getattr(func, "__module__", None)
     if name.startswith(("TensorBase.", "Tensor.")):
         return "torch.Tensor." + name.split(".", 1)[1]
