@@ -127,7 +127,9 @@ class Interpreter(TorchFunctionMode):
                       "without a rule)")
         return jet
 
-    def track(self, value: Tensor, jet: Jet) -> Tensor:
+    def track(self, value: Tensor, jet: Jet, new: bool = True) -> Tensor:
+        """Trace value with jet; `new` is False for a value f already had, updated in place (the
+        watch sees values as they are made, one per operation)."""
         key = id(value)
         size = value.numel()
         if size > self.widest:
@@ -136,7 +138,7 @@ class Interpreter(TorchFunctionMode):
         ref = _Ref(value, self._forget)
         ref.key = key
         self.table[key] = (ref, jet)
-        if self.watch is not None:
+        if new and self.watch is not None:
             self.watch(self, value, jet)
         return value
 
@@ -150,22 +152,37 @@ class Interpreter(TorchFunctionMode):
         self.track(value, Jet(None, None, stale=why))
 
     def in_place(self, target: Tensor, value: Any, name: str) -> Any:
-        """Finish an in-place operation computed out of place as `value`: without autograd, write it
-        into `target` and trace target with value's coefficients (f sees its tensor updated, as
-        asked). With autograd on, writing could spoil tensors the coefficients' graph saved, so the
-        update is returned as a new tensor and target may no longer be read."""
-        if torch.is_grad_enabled() or not isinstance(value, Tensor) or value.shape != target.shape:
-            self.spoil(target, f"f reads a tensor after {name} updated it in place")
+        """Finish an in-place operation computed out of place as `value`. In forward mode without
+        autograd: write it into `target` and trace target with value's coefficients (f sees its
+        tensor updated, as asked). Otherwise writing would change tensors held for later: by the
+        coefficients' graph (autograd), or by the tape's maps and second-order terms (reverse mode:
+        an operation's own value, its inputs). The update is then returned as a new tensor, and
+        target, and every traced tensor sharing its memory, may no longer be read."""
+        if torch.is_grad_enabled() or self.tape is not None or not isinstance(value, Tensor) \
+                or value.shape != target.shape:
+            self._spoil_aliases(target, f"f reads a tensor after {name} updated it in place")
             return value
         jet = self.jet(value)
         target.copy_(value)
+        if self.memo is not None:  # a value shared with the other spans may be the one written
+            self.memo.values.clear()
         if jet is None:
             self.table.pop(id(target), None)
         else:
             twin = Jet(jet._t, jet.s, jet.node)
             twin.pending = jet.pending
-            self.track(target, twin)
+            self.track(target, twin, new=False)
         return target
+
+    def _spoil_aliases(self, target: Tensor, why: str) -> None:
+        """Spoil target and the traced tensors that share its memory (its views, its base)."""
+        memory = _memory(target)
+        if memory:
+            for ref, _ in list(self.table.values()):
+                other = ref()
+                if other is not None and other is not target and _memory(other) == memory:
+                    self.spoil(other, why)
+        self.spoil(target, why)
 
     def fail(self, why: str) -> None:
         if not self.failure:
@@ -324,6 +341,14 @@ class Interpreter(TorchFunctionMode):
         if _carries_derivative(value):
             self.fail(f"no rule for {name_of(func)}")
         return value
+
+
+def _memory(value: Tensor) -> int:
+    """Where value's storage starts (0 for a tensor without one)."""
+    try:
+        return int(value.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 
 def _carries_derivative(value: Any) -> bool:
