@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from .algebra import _jet, _selection, _shape, _traced
 from .interpreter import Interpreter, Link
-from .maps import Apply, Identity
+from .maps import Apply, Cast, Identity
 from .stacks import Unsupported, compact, expanded, lift, zeros
 from .table import Example, def_rule, deflinear, getters, named
 
@@ -255,14 +255,19 @@ deflinear("pad", [F.pad, torch._C._nn.pad], _pad,
                     Example(lambda x: F.pad(x.view(-1, 1, 3), (1, 1), mode="reflect").flatten(1) ** 2, (3,))])
 
 
-def _cast(x: Tensor, y: Tensor, *args: Any, **kwargs: Any) -> Callable[[Tensor], Tensor]:
-    dtype, device = y.dtype, y.device
-    return lambda c: c.to(dtype=dtype, device=device)
+def _cast(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x = args[0] if args else kwargs["input"]
+    y = func(*args, **kwargs)
+    jet = ctx.jet(x)
+    if jet is None or not isinstance(y, Tensor) or not (y.is_floating_point() or y.is_complex()):
+        return y  # x.type() names a type; a cast to integers carries no derivative
+    return ctx.emit(y, [(jet, Cast(x, y))])
 
 
-deflinear("cast", [*named("to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "clone",
-                          "contiguous")], _cast, batched=True,
-          examples=lambda x: x.to(x.dtype).clone().contiguous() * x.double().to(x) * x.to("cpu").type(x.type()))
+def_rule("cast", named("to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "clone",
+                       "contiguous"), _cast, "linear",
+         [lambda x: x.to(x.dtype).clone().contiguous() * x.double().to(x) * x.to("cpu").type(x.type()),
+          Example(lambda x: x.float().sin().double() * x + x.long() * x, tolerance=1e-5)])  # in part float32
 
 
 def _reduce(mean: bool) -> Callable[..., Callable[[Tensor], Tensor]]:
