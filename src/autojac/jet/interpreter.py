@@ -297,6 +297,8 @@ class Interpreter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if func in _AUTOGRAD or _peek_transform() is not None:
+            self._refuse_autograd(func)
         if not self._touches(args, kwargs):
             return func(*args, **kwargs)
         rule = RULES.get(func)
@@ -318,6 +320,14 @@ class Interpreter(TorchFunctionMode):
         if in_place:
             return self.in_place(args[0], value, name_of(func))
         return value
+
+    def _refuse_autograd(self, func: Callable[..., Any]) -> None:
+        """f differentiates inside (autograd.grad, a torch.func transform): what it computes depends on
+        x through autograd's graph, which the engine does not see (it would take it for a constant)."""
+        if func in _AUTOGRAD:
+            self.fail(f"f calls {name_of(func)} (derivatives inside f are not followed by the engine)")
+        self.fail(f"f runs a torch.func transform (vmap, grad, jacrev...) around {name_of(func)}: its inside is not "
+                  f"followed by the engine")
 
     def _touches(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
         table = self.table
@@ -341,6 +351,10 @@ class Interpreter(TorchFunctionMode):
         if _carries_derivative(value):
             self.fail(f"no rule for {name_of(func)}")
         return value
+
+
+_AUTOGRAD = frozenset({torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward})
+_peek_transform = torch._C._functorch.peek_interpreter_stack
 
 
 def _memory(value: Tensor) -> int:
