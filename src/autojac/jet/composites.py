@@ -296,7 +296,8 @@ def_comp("std", named("std"), std,
          [lambda x: (x * x + 1).std(1) * x[:, 1],
           Example(lambda x: x[:, :1].repeat(1, 2).std(1) * x[:, 1], exact=False)])  # at 0, where torch's is NaN
 def_comp("vector_norm", [torch.linalg.vector_norm], vector_norm,
-         [lambda x: torch.linalg.vector_norm(x, dim=1), lambda x: torch.linalg.vector_norm(x, 3, dim=-1, keepdim=True) * x,
+         [lambda x: torch.linalg.vector_norm(x, dim=1),
+          lambda x: torch.linalg.vector_norm(x, 3, dim=-1, keepdim=True) * x,
           # at 0 (torch's second derivative there is NaN; this f is x, whose second derivative is 0)
           Example(lambda x: torch.linalg.vector_norm(x[:, :2] - x[:, :2], dim=-1, keepdim=True) + x, exact=False)])
 def_comp("norm", [torch.norm, torch.Tensor.norm], norm,

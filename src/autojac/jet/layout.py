@@ -317,6 +317,7 @@ def _extremum(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...],
     out = func(*args, **kwargs)
     if isinstance(out, tuple):  # (values, indices)
         y, indices = out
+        assert dim is not None  # a tuple comes back for one dimension
         d = _negative(dim, x.dim())
         where = indices if keepdim else indices.unsqueeze(d)
 
