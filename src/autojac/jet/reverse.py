@@ -114,7 +114,9 @@ class Layout:
                 return 0
             raise Unsupported(f"f computes a value of shape {tuple(shape)} whose first dimension is not the batch "
                               f"({batch}): the engine's adjoint forms need it there")
-        d = self.dims.get(node)
+        if node not in self.dims:
+            raise Unsupported(f"f took another path than the one recorded (more values, one of shape {tuple(shape)})")
+        d = self.dims[node]
         if d is None:
             raise Unsupported(f"f computes a value of shape {tuple(shape)} that holds the batch in no dimension of its "
                               f"own (a flattened batch): the engine's adjoint forms need one")
@@ -186,18 +188,24 @@ def _layout(f: Callable[[Tensor], Tensor], x: Tensor, recorded: _Recording) -> L
     again = _record(f, x.flip(0))
     dims: dict[int, int | None] = {}
     shapes: dict[int, tuple[int, ...]] = {}
+    same_path = len(again.tape) == len(recorded.tape)
     for node, value in recorded.values.items():
         other = again.values.get(node)
         d = None
-        if other is not None and other.shape == value.shape and len(again.tape) == len(recorded.tape):
-            scale = 1e-5 * (1.0 + float(value.detach().abs().max())) if value.numel() else 0.0
-            d = next((d for d, size in enumerate(value.shape)
-                      if size == batch and torch.allclose(other, value.flip(d), rtol=1e-5, atol=scale, equal_nan=True)),
-                     None)
+        if same_path and other is not None and other.shape == value.shape:
+            d = next((d for d, size in enumerate(value.shape) if size == batch and _reversed(other, value, d)), None)
         dims[node] = d
         if d is not None:
             shapes[node] = _without(value.shape, d)
     return Layout(dims, shapes)
+
+
+def _reversed(other: Tensor, value: Tensor, d: int) -> bool:
+    """Whether other is value reversed along d, up to rounding (infinities and NaN where value has them)."""
+    flipped = value.detach().flip(d)
+    rtol = max(1e-5, 100 * torch.finfo(value.dtype).eps)
+    scale = float(flipped.nan_to_num(0.0, 0.0, 0.0).abs().max()) if value.numel() else 0.0
+    return torch.allclose(other.detach(), flipped, rtol=rtol, atol=rtol * scale, equal_nan=True)
 
 
 def analyse(f: Callable[[Tensor], Tensor], x: Tensor) -> Structure:
