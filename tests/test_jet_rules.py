@@ -5,7 +5,7 @@ Parametrized over the table itself: a rule is tested the moment it is added."""
 import pytest
 import torch
 
-from autojac.jet import RULES, TABLE, api
+from autojac.jet import RULES, TABLE, api, reverse
 from autojac.jet.interpreter import Interpreter, run
 from autojac.jet.order import Order
 
@@ -84,3 +84,24 @@ def test_a_constant_second_derivative_on_a_carried_second_order_stack(grad_mode)
         laplacian = api.second_order("laplacian", f, x, None, None)
     expected = loop_hessian(f, x).diagonal(dim1=-2, dim2=-1).sum(-1)
     torch.testing.assert_close(laplacian, expected)
+
+
+@pytest.mark.parametrize("rule, index", CASES, ids=[f"{r.name}-{i}" for r, i in CASES])
+def test_rule_matches_the_reference_in_reverse_mode(rule, index):
+    # the rule's maps transposed (reverse mode, meeting in the middle at every cut) and its own
+    # second-order terms weighted by adjoints (jet_fwd_rev), where f's values hold the batch
+    example = rule.examples[index]
+    x = _input(example.in_shape)
+    n = x[0].numel()
+    tolerance = dict(rtol=1e-9, atol=1e-10) if example.exact else dict(rtol=1e-5, atol=1e-6)
+    if example.tolerance is not None:
+        tolerance = dict(rtol=example.tolerance, atol=example.tolerance)
+    jacobian = loop_jacobian(example.fn, x)
+    torch.testing.assert_close(reverse.reverse_jacobian(example.fn, x), jacobian, **tolerance)
+    structure = reverse.analyse(example.fn, x)
+    for cut in structure.cuts:
+        torch.testing.assert_close(reverse.meet_jacobian(example.fn, x, cut), jacobian, **tolerance)
+    h = reference_hessian(example.fn, x, example.exact)
+    lead = h.shape[:-2]
+    hessian = reverse.second_order_by_adjoints("hessian", example.fn, x, layout=structure.layout)
+    torch.testing.assert_close(hessian.reshape(*lead, n, n), h, **tolerance)

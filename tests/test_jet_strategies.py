@@ -461,6 +461,50 @@ def test_in_place_operations_are_followed():
     assert "in place" in why
 
 
+def test_in_place_operations_in_reverse_mode_and_across_spans():
+    net, x, _ = _setup("sequential")
+
+    def updates(z):  # its updates are what f reads on: followed by every form
+        h = F.silu(net[0](z), inplace=True)
+        h *= 2
+        return net[2](h.add_(1))
+
+    def reads_the_base(z):  # the base of a view updated in place: written back, or refused
+        h = torch.sin(net[0](z))
+        h[:, :2].mul_(3)
+        return net[2](h)
+
+    for f in (updates, reads_the_base):
+        h = loop_hessian(f, x)
+        for op, strategy in (("hessian", "jet_fwd_rev"), ("laplacian", "jet_fwd_rev"), ("hessian", "jet_hessian")):
+            problem = Problem(op, f, x)
+            assert_close(get(strategy)(problem), second_order_reference(op, h, (3,)))
+        for strategy in JACOBIAN:
+            assert_close(get(strategy)(Problem("jacobian", f, x)), loop_jacobian(f, x))
+    with torch.no_grad():  # written back, one direction per span: no span reads another's update
+        assert_close(api.jacobian(updates, x, chunk=1), loop_jacobian(updates, x))
+        assert_close(api.second_order("laplacian", updates, x, chunk=1),
+                     second_order_reference("laplacian", loop_hessian(updates, x), (3,)))
+    with torch.enable_grad():  # not written back: the base may not be read
+        with pytest.raises(api.Unsupported, match="in place"):
+            api.jacobian(reads_the_base, x)
+
+
+@pytest.mark.parametrize("inside", ["autograd.grad", "vmap", "grad"])
+def test_f_that_differentiates_inside_is_refused_by_name(inside):
+    net = _mlp(3)
+
+    def gradient(z):
+        with torch.enable_grad():
+            leaf = z.detach().requires_grad_()
+            return torch.autograd.grad(net(leaf).sum(), leaf, create_graph=True)[0]
+
+    f = {"autograd.grad": gradient, "vmap": lambda z: torch.func.vmap(net)(z),
+         "grad": lambda z: torch.func.vmap(torch.func.grad(lambda zi: net(zi)[0]))(z)}[inside]
+    why = get("jet_jacobian_fwd").applies(Problem("jacobian", f, torch.randn(4, 3)))
+    assert ("torch.autograd.grad" if inside == "autograd.grad" else "torch.func transform") in why
+
+
 # ---------------------------------------------------------------------------------------------
 # Does not apply, never raises
 

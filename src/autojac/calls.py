@@ -52,11 +52,13 @@ def checking() -> Iterator[None]:
 
 
 class AuxCatcher:
-    """Strips f's auxiliary output, keeping the first one produced outside any torch.func transform
-    after `reset` (inside one it is a wrapped tensor that cannot leave the transform)."""
+    """Strips f's auxiliary output, keeping the first one produced after `reset` by a pass over the
+    whole batch (not a slice: a strategy may take the batch in blocks, or look at two samples first)
+    outside any torch.func transform (inside one it is a wrapped tensor that cannot leave it)."""
 
-    def __init__(self, f: Callable[..., Any]) -> None:
+    def __init__(self, f: Callable[..., Any], batch: int) -> None:
         self.f = f
+        self.batch = batch
         self.value: Any = _UNSET
 
     def reset(self) -> None:
@@ -67,7 +69,8 @@ class AuxCatcher:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError(f"has_aux=True: f must return a pair (output, aux); it returned {_kind(out)}")
         y, aux = out
-        if self.value is _UNSET and _peek_transform() is None and not _CHECKING.get():
+        if self.value is _UNSET and _peek_transform() is None and not _CHECKING.get() \
+                and inputs and getattr(inputs[0], "shape", (None,))[:1] == (self.batch,):
             self.value = aux
         return y
 
@@ -136,7 +139,7 @@ def reduce(op: str, f: BatchedFn, x: Tensor | Sequence[Tensor], v: Tensor | None
     batch = inputs[0].shape[0]
     dims_of_args = arg_dims(in_dims, args, batch, checked)
     parts: list[str] = []
-    catcher = AuxCatcher(f) if has_aux else None
+    catcher = AuxCatcher(f, batch) if has_aux else None
     user = catcher if catcher is not None else f
     extra: tuple[Any, ...] = ()
     extra_dims: tuple[int | None, ...] = ()

@@ -49,10 +49,8 @@ def run_probes(f: BatchedFn, x: Tensor, batch_independent: bool | None = None,
     copy = x.clone()  # f runs on a copy: an f that writes into its input cannot touch the caller's x
     with torch.enable_grad():
         xg = copy.detach().requires_grad_(True)  # shares copy's version counter
-        saved = _SavedBytes()
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-            with hint_unbatched(x):  # f failing on an x of shape (n,) gets a hint
-                y = _call_refusing_in_place(f, xg)
+        with hint_unbatched(x):  # f failing on an x of shape (n,) gets a hint
+            y, activations = _call_counting_saved(f, xg)
         _check_unchanged(copy, x)
         out_shape = check_output(y, x)
         coupling = ""
@@ -69,7 +67,7 @@ def run_probes(f: BatchedFn, x: Tensor, batch_independent: bool | None = None,
     vmap_error = _vmap_error(f, copy, y.detach(), problem)
     return Probes(
         out_shape=out_shape, batch_independent=independent, vmap_ok=not vmap_error,
-        deterministic=same, activations=saved.total, out_dtype=y.dtype, coupling=coupling, vmap_error=vmap_error,
+        deterministic=same, activations=activations, out_dtype=y.dtype, coupling=coupling, vmap_error=vmap_error,
         nondeterminism=nondeterminism, fused_norm=fused_norm(y),
     )
 
@@ -79,6 +77,20 @@ _IN_PLACE = (
     "differentiates with respect to it, so f must not write into x. Use out-of-place operations "
     "(x = x * 2 instead of x *= 2, torch.relu(x) instead of x.relu_()), or clone x first inside f"
 )
+
+
+def _call_counting_saved(f: BatchedFn, xg: Tensor) -> tuple[Tensor, int]:
+    """f(xg) and the bytes it saves for backward. An f that runs torch.func.grad (or vjp) inside
+    refuses saved-tensor hooks: it runs again without, and its input's and output's sizes stand in."""
+    saved = _SavedBytes()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            return _call_refusing_in_place(f, xg), saved.total
+    except RuntimeError as error:
+        if "saved tensor hooks" not in str(error):
+            raise
+    y = _call_refusing_in_place(f, xg)
+    return y, (xg.numel() + (y.numel() if isinstance(y, Tensor) else 0)) * xg.element_size()
 
 
 def _call_refusing_in_place(f: BatchedFn, xg: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..buffers import preserved_buffers
+from ..calls import checking
 from ..signature import WeakTable, describe, weak_slot
 from .interpreter import Interpreter, Jet, Memo, run
 from . import memory
@@ -319,14 +320,25 @@ class Profile:
         self._structure: Structure | str | None = None
 
     def structure(self, f: Callable[[Tensor], Tensor], x: Tensor) -> Structure | str:
-        """f's cuts, from one recorded interpretation on two samples; or why there are none."""
+        """f's cuts and where its values hold the batch, from recorded interpretations on two samples
+        (reverse.analyse); or why there are none. These passes of f are autojac's own (no aux)."""
         if self._structure is None:
             try:
-                with torch.no_grad(), preserved_buffers(describe(f).modules()):
-                    self._structure = analyse(f, x[:2].detach())
+                with torch.no_grad(), preserved_buffers(describe(f).modules()), checking():
+                    self._structure = analyse(f, _two_samples(x.detach()))
             except Exception as error:  # never raised to the user: the strategy does not apply
                 self._structure = f"{type(error).__name__}: {error}" if not isinstance(error, Unsupported) else str(error)
         return self._structure
+
+
+def _two_samples(x: Tensor) -> Tensor:
+    """The first sample of x and the first that differs from it (where the batch is in a value is
+    told by exchanging two samples: equal ones would tell nothing)."""
+    if x.shape[0] <= 2:
+        return x
+    flat = x.flatten(1)
+    other = (flat != flat[:1]).any(1).nonzero()
+    return x[[0, int(other[0])]] if other.numel() else x[:2]
 
 
 _PROFILES = WeakTable()
@@ -364,7 +376,7 @@ def _unseen(f: Callable[[Tensor], Tensor], x: Tensor, directions: Tensor) -> str
     the check holds for f that mixes samples too."""
     k = directions.shape[0]
     try:
-        with torch.enable_grad(), preserved_buffers(describe(f).modules()):
+        with torch.enable_grad(), preserved_buffers(describe(f).modules()), checking():
             leaf = x.detach().requires_grad_()
             y = f(leaf)
             if not isinstance(y, Tensor) or y.shape != directions.shape[1:] or not y.is_floating_point():
@@ -379,6 +391,7 @@ def _unseen(f: Callable[[Tensor], Tensor], x: Tensor, directions: Tensor) -> str
         made = (directions * u).flatten(1).sum(1) if y.requires_grad else directions.flatten(1).abs().sum(1)
     except Exception:  # autograd cannot follow f either: nothing to compare with
         return ""
+    seen, made = seen.detach(), made.detach()
     scale = float(seen.abs().max()) + float(made.abs().max()) + 1e-6
     tolerance = 1e-3 if directions.dtype in (torch.float32, torch.float64) else 5e-2
     if float((made - seen).abs().max()) > tolerance * scale:
@@ -396,7 +409,7 @@ def _check(f: Callable[[Tensor], Tensor], x: Tensor) -> str:
     why = ""
     for sample in attempts:
         try:
-            with torch.no_grad(), preserved_buffers(describe(f).modules()):
+            with torch.no_grad(), preserved_buffers(describe(f).modules()), checking():
                 y, jet = forward(f, sample.detach(), Order("first", k), 0, k)
             if y.shape[0] != sample.shape[0]:
                 return f"f returned {y.shape[0]} rows for a batch of {sample.shape[0]}"

@@ -147,19 +147,28 @@ def var(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return out / max(count - correction, 0)
 
 
+def _root(total: Tensor, p: float) -> Tensor:
+    """total ** (1 / p) of a sum of p-th powers (a norm, a standard deviation), with torch's
+    derivatives where total is 0: zero (a subgradient), where the root's own would be infinite."""
+    zero = total == 0
+    safe = total.masked_fill(zero, 1.0)
+    root = torch.sqrt(safe) if p == 2 else safe ** (1 / p)
+    return root.masked_fill(zero, 0.0)
+
+
 def std(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    return torch.sqrt(var(input, *args, **kwargs))
+    return _root(var(input, *args, **kwargs), 2)
 
 
 def _p_norm(x: Tensor, p: Any, dim: Any, keepdim: bool) -> Tensor:
     if p in (2, 2.0, "fro", None):
-        return torch.sqrt((x * x).sum(dim, keepdim=keepdim))
+        return _root((x * x).sum(dim, keepdim=keepdim), 2)
     if p == 1:
         return x.abs().sum(dim, keepdim=keepdim)
     if p in (math.inf, float("inf")):
         return x.abs().amax(dim, keepdim=keepdim)
     if isinstance(p, (int, float)) and p > 0:
-        return (x.abs() ** p).sum(dim, keepdim=keepdim) ** (1 / p)
+        return _root((x.abs() ** p).sum(dim, keepdim=keepdim), p)
     raise Unsupported(f"norm of order {p!r}")
 
 
@@ -283,13 +292,19 @@ def_comp("logsumexp", named("logsumexp"), logsumexp,
 def_comp("var", named("var"), var,
          [lambda x: x.var(1, keepdim=True) * x, lambda x: torch.var(x, dim=1, unbiased=False) * x[:, 0],
           lambda x: torch.var(x * x, 1, correction=0)])
-def_comp("std", named("std"), std, [lambda x: (x * x + 1).std(1) * x[:, 1]])
+def_comp("std", named("std"), std,
+         [lambda x: (x * x + 1).std(1) * x[:, 1],
+          Example(lambda x: x[:, :1].repeat(1, 2).std(1) * x[:, 1], exact=False)])  # at 0, where torch's is NaN
 def_comp("vector_norm", [torch.linalg.vector_norm], vector_norm,
-         [lambda x: torch.linalg.vector_norm(x, dim=1), lambda x: torch.linalg.vector_norm(x, 3, dim=-1, keepdim=True) * x])
+         [lambda x: torch.linalg.vector_norm(x, dim=1),
+          lambda x: torch.linalg.vector_norm(x, 3, dim=-1, keepdim=True) * x,
+          # at 0 (torch's second derivative there is NaN; this f is x, whose second derivative is 0)
+          Example(lambda x: torch.linalg.vector_norm(x[:, :2] - x[:, :2], dim=-1, keepdim=True) + x, exact=False)])
 def_comp("norm", [torch.norm, torch.Tensor.norm], norm,
          [lambda x: x.norm(dim=1, keepdim=True) * x, lambda x: torch.norm(x, p=1, dim=1)])
 def_comp("linalg_norm", [torch.linalg.norm], linalg_norm, [lambda x: torch.linalg.norm(x, dim=-1)])
-def_comp("normalize", [F.normalize], normalize, [lambda x: F.normalize(x, dim=1) * x])
+def_comp("normalize", [F.normalize], normalize,
+         [lambda x: F.normalize(x, dim=1) * x, Example(lambda x: F.normalize(x * 0, dim=1) + x, exact=False)])  # at 0
 def_comp("scaled_dot_product_attention", [F.scaled_dot_product_attention], scaled_dot_product_attention,
          [Example(lambda x: F.scaled_dot_product_attention(x.view(-1, 2, 2), torch.sin(x).view(-1, 2, 2),
                                                           x.view(-1, 2, 2) ** 2).sum(-1), (4,)),

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from .interpreter import Interpreter
 from .maps import Scale
-from .stacks import Unsupported, constant
+from .stacks import constant
 from .table import Example, def_deriv, def_rule, defzero, getters, named
 
 T = torch.Tensor
@@ -233,19 +233,21 @@ def_deriv("hardswish", named("hardswish"), F.hardswish,
           lambda x: F.hardswish(4 * x))
 
 
-def _clamp_params(input: Tensor, min: Any = None, max: Any = None) -> tuple[Tensor, tuple[Any, ...], bool]:
-    if isinstance(min, Tensor) or isinstance(max, Tensor):
-        raise Unsupported("clamp with tensor bounds")  # handled by the clamp rule below
-    return input, (min, max), False
-
-
-def _clamp_mask(x: Tensor, y: Tensor, lo: Any, hi: Any) -> Tensor:
+def _clamp_masks(x: Tensor, lo: Any, hi: Any, lo_traced: bool, hi_traced: bool) -> tuple[Tensor, Any, Any]:
+    """Where clamp(x, lo, hi) follows x, lo and hi, as torch differentiates it: x within [lo, hi],
+    bounds included; lo where x is below it (and lo < hi); hi where x is above it, or everywhere
+    hi < lo. The bounds' masks are None unless asked for (a bound that is traced)."""
     inside = torch.ones_like(x, dtype=torch.bool)
     if lo is not None:
         inside = inside & (x >= lo)
     if hi is not None:
         inside = inside & (x <= hi)
-    return inside.to(x.dtype)
+    below = above = None
+    if lo_traced:
+        below = (x < lo) & (lo < hi) if hi is not None else x < lo
+    if hi_traced:
+        above = (x > hi) | (hi < lo) if lo is not None else x > hi
+    return inside, below, above
 
 
 def _clamp(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -253,24 +255,18 @@ def _clamp(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kw
 
 
 def _clamp_call(ctx: Interpreter, input: Tensor, min: Any = None, max: Any = None) -> Any:
-    if isinstance(min, Tensor) or isinstance(max, Tensor):
-        def clamp(x: Tensor, lo: Any, hi: Any) -> Tensor:
-            if lo is not None:
-                x = torch.maximum(x, lo) if isinstance(lo, Tensor) else x.clamp_min(lo)
-            if hi is not None:
-                x = torch.minimum(x, hi) if isinstance(hi, Tensor) else x.clamp_max(hi)
-            return x
-        return ctx.decompose(clamp, input, min, max)
-    jet = ctx.jet(input)
+    jets = [ctx.jet(v) if isinstance(v, Tensor) else None for v in (input, min, max)]
     y = torch.clamp(input, min, max)
-    if jet is None:
-        return y
-    return ctx.emit(y, [(jet, Scale(_clamp_mask(input, y, min, max), input.shape, y.shape))])
+    masks = _clamp_masks(input, min, max, jets[1] is not None, jets[2] is not None)
+    links = [(jet, Scale(mask.to(y.dtype), value.shape, y.shape))
+             for value, jet, mask in zip((input, min, max), jets, masks) if jet is not None]
+    return ctx.emit(y, links)
 
 
 def_rule("clamp", named("clamp", "clip"), _clamp, "deriv",
          [lambda x: torch.clamp(x, -0.5, 0.7) * x, lambda x: x.clamp(min=-0.2) * x.clip(max=0.3),
-          lambda x: torch.clamp(x, x[:, :1] * 0.5, x[:, 1:2] + 1)])
+          lambda x: torch.clamp(x, x[:, :1] * 0.5, x[:, 1:2] + 1),
+          lambda x: torch.clamp(x, min=x[:, :1], max=x[:, 1:2].detach() + 0.5) * x])  # x at a traced bound
 def_rule("clamp_min", named("clamp_min"), lambda ctx, func, args, kwargs: _clamp_call(ctx, args[0], min=args[1]),
          "deriv", lambda x: x.clamp_min(0.1) * x)
 def_rule("clamp_max", named("clamp_max"), lambda ctx, func, args, kwargs: _clamp_call(ctx, args[0], max=args[1]),

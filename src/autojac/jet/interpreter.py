@@ -127,7 +127,9 @@ class Interpreter(TorchFunctionMode):
                       "without a rule)")
         return jet
 
-    def track(self, value: Tensor, jet: Jet) -> Tensor:
+    def track(self, value: Tensor, jet: Jet, new: bool = True) -> Tensor:
+        """Trace value with jet; `new` is False for a value f already had, updated in place (the
+        watch sees values as they are made, one per operation)."""
         key = id(value)
         size = value.numel()
         if size > self.widest:
@@ -136,7 +138,7 @@ class Interpreter(TorchFunctionMode):
         ref = _Ref(value, self._forget)
         ref.key = key
         self.table[key] = (ref, jet)
-        if self.watch is not None:
+        if new and self.watch is not None:
             self.watch(self, value, jet)
         return value
 
@@ -150,22 +152,37 @@ class Interpreter(TorchFunctionMode):
         self.track(value, Jet(None, None, stale=why))
 
     def in_place(self, target: Tensor, value: Any, name: str) -> Any:
-        """Finish an in-place operation computed out of place as `value`: without autograd, write it
-        into `target` and trace target with value's coefficients (f sees its tensor updated, as
-        asked). With autograd on, writing could spoil tensors the coefficients' graph saved, so the
-        update is returned as a new tensor and target may no longer be read."""
-        if torch.is_grad_enabled() or not isinstance(value, Tensor) or value.shape != target.shape:
-            self.spoil(target, f"f reads a tensor after {name} updated it in place")
+        """Finish an in-place operation computed out of place as `value`. In forward mode without
+        autograd: write it into `target` and trace target with value's coefficients (f sees its
+        tensor updated, as asked). Otherwise writing would change tensors held for later: by the
+        coefficients' graph (autograd), or by the tape's maps and second-order terms (reverse mode:
+        an operation's own value, its inputs). The update is then returned as a new tensor, and
+        target, and every traced tensor sharing its memory, may no longer be read."""
+        if torch.is_grad_enabled() or self.tape is not None or not isinstance(value, Tensor) \
+                or value.shape != target.shape:
+            self._spoil_aliases(target, f"f reads a tensor after {name} updated it in place")
             return value
         jet = self.jet(value)
         target.copy_(value)
+        if self.memo is not None:  # a value shared with the other spans may be the one written
+            self.memo.values.clear()
         if jet is None:
             self.table.pop(id(target), None)
         else:
             twin = Jet(jet._t, jet.s, jet.node)
             twin.pending = jet.pending
-            self.track(target, twin)
+            self.track(target, twin, new=False)
         return target
+
+    def _spoil_aliases(self, target: Tensor, why: str) -> None:
+        """Spoil target and the traced tensors that share its memory (its views, its base)."""
+        memory = _memory(target)
+        if memory:
+            for ref, _ in list(self.table.values()):
+                other = ref()
+                if other is not None and other is not target and _memory(other) == memory:
+                    self.spoil(other, why)
+        self.spoil(target, why)
 
     def fail(self, why: str) -> None:
         if not self.failure:
@@ -280,6 +297,8 @@ class Interpreter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if func in _AUTOGRAD or _peek_transform() is not None:
+            self._refuse_autograd(func)
         if not self._touches(args, kwargs):
             return func(*args, **kwargs)
         rule = RULES.get(func)
@@ -301,6 +320,14 @@ class Interpreter(TorchFunctionMode):
         if in_place:
             return self.in_place(args[0], value, name_of(func))
         return value
+
+    def _refuse_autograd(self, func: Callable[..., Any]) -> None:
+        """f differentiates inside (autograd.grad, a torch.func transform): what it computes depends on
+        x through autograd's graph, which the engine does not see (it would take it for a constant)."""
+        if func in _AUTOGRAD:
+            self.fail(f"f calls {name_of(func)} (derivatives inside f are not followed by the engine)")
+        self.fail(f"f runs a torch.func transform (vmap, grad, jacrev...) around {name_of(func)}: its inside is not "
+                  f"followed by the engine")
 
     def _touches(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
         table = self.table
@@ -326,6 +353,18 @@ class Interpreter(TorchFunctionMode):
         return value
 
 
+_AUTOGRAD = frozenset({torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward})
+_peek_transform = torch._C._functorch.peek_interpreter_stack
+
+
+def _memory(value: Tensor) -> int:
+    """Where value's storage starts (0 for a tensor without one)."""
+    try:
+        return int(value.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
 def _carries_derivative(value: Any) -> bool:
     if isinstance(value, Tensor):
         return value.is_floating_point() or value.is_complex()
@@ -340,6 +379,8 @@ def name_of(func: Any) -> str:
     if getattr(func, "__name__", "") == "__get__" and owner is not None:  # a property
         return f"torch.Tensor.{getattr(owner, '__name__', '?')}"
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    if "<locals>" in name:  # made by a factory (F.max_pool2d is boolean_dispatch.<locals>.fn): its own name
+        name = getattr(func, "__name__", name)
     module = getattr(func, "__module__", None)
     if name.startswith(("TensorBase.", "Tensor.")):
         return "torch.Tensor." + name.split(".", 1)[1]

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from .algebra import _jet, _selection, _shape, _traced
 from .interpreter import Interpreter, Link
-from .maps import Apply, Identity
+from .maps import Apply, Cast, Identity
 from .stacks import Unsupported, compact, expanded, lift, zeros
 from .table import Example, def_rule, deflinear, getters, named
 
@@ -255,14 +255,19 @@ deflinear("pad", [F.pad, torch._C._nn.pad], _pad,
                     Example(lambda x: F.pad(x.view(-1, 1, 3), (1, 1), mode="reflect").flatten(1) ** 2, (3,))])
 
 
-def _cast(x: Tensor, y: Tensor, *args: Any, **kwargs: Any) -> Callable[[Tensor], Tensor]:
-    dtype, device = y.dtype, y.device
-    return lambda c: c.to(dtype=dtype, device=device)
+def _cast(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x = args[0] if args else kwargs["input"]
+    y = func(*args, **kwargs)
+    jet = ctx.jet(x)
+    if jet is None or not isinstance(y, Tensor) or not (y.is_floating_point() or y.is_complex()):
+        return y  # x.type() names a type; a cast to integers carries no derivative
+    return ctx.emit(y, [(jet, Cast(x, y))])
 
 
-deflinear("cast", [*named("to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "clone",
-                          "contiguous")], _cast, batched=True,
-          examples=lambda x: x.to(x.dtype).clone().contiguous() * x.double().to(x) * x.to("cpu").type(x.type()))
+def_rule("cast", named("to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "clone",
+                       "contiguous"), _cast, "linear",
+         [lambda x: x.to(x.dtype).clone().contiguous() * x.double().to(x) * x.to("cpu").type(x.type()),
+          Example(lambda x: x.float().sin().double() * x + x.long() * x, tolerance=1e-5)])  # in part float32
 
 
 def _reduce(mean: bool) -> Callable[..., Callable[[Tensor], Tensor]]:
@@ -300,44 +305,42 @@ deflinear("mean", named("mean"), _reduce(True), batched=True,
 
 
 def _extremum(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """max/min/amax/amin: the derivative of the extreme entry (one of them where several tie)."""
+    """max/min/amax/amin, differentiated as torch does: max(x, dim) follows the entry whose index
+    it returns; the others (amax, amin, and max over everything) split evenly among tied entries."""
     x = args[0]
     rest = list(args[1:])
-    name = func.__name__
     if rest and isinstance(rest[0], Tensor) or "other" in kwargs:  # torch.max(a, b) is maximum
         return _selection(ctx, func, args, kwargs)
     dim = kwargs.get("dim", rest[0] if rest else None)
     keepdim = kwargs.get("keepdim", rest[1] if len(rest) > 1 else False)
-    arg = torch.argmax if name in ("max", "amax") else torch.argmin
     jet = _traced(ctx, x)
-    if isinstance(dim, (list, tuple)):
-        if len(dim) != 1:
-            raise Unsupported(f"{name} over several dimensions")
-        dim = dim[0]
     out = func(*args, **kwargs)
-    y = out[0] if isinstance(out, tuple) else out
-    if dim is None:
-        where = arg(x.detach()).reshape(1)
-
-        def fn(c: Tensor) -> Tensor:
-            return expanded(c, x.shape).flatten(1).index_select(1, where).reshape(c.shape[0], *y.shape)
-    else:
+    if isinstance(out, tuple):  # (values, indices)
+        y, indices = out
+        assert dim is not None  # a tuple comes back for one dimension
         d = _negative(dim, x.dim())
-        where = arg(x.detach(), dim, keepdim=True)
+        where = indices if keepdim else indices.unsqueeze(d)
 
-        def fn(c: Tensor) -> Tensor:
+        def pick(c: Tensor) -> Tensor:
             picked = expanded(c, x.shape).gather(d, where.expand(c.shape[0], *where.shape))
             return picked if keepdim else picked.squeeze(d)
-    link = [(jet, Apply(fn, x.shape, y.shape, batched=True))]
-    if isinstance(out, tuple):
-        ctx.emit_each(out, jet, lambda c: (fn(c), None), [Apply(fn, x.shape, y.shape, batched=True), None])
+        ctx.emit_each(out, jet, lambda c: (pick(c), None), [Apply(pick, x.shape, y.shape, batched=True), None])
         return out
-    return ctx.emit(y, link)
+    dims = _dims(dim, x.dim())
+    kept = out if keepdim else out.reshape([1 if d - x.dim() in dims else size for d, size in enumerate(x.shape)])
+    ties = (x == kept).to(out.dtype)
+    weight = ties / ties.sum(dims, keepdim=True)  # (*x.shape)
+
+    def share(c: Tensor) -> Tensor:
+        return (lift(c, x.dim()) * weight).sum(dims, keepdim=keepdim)
+    return ctx.emit(out, [(jet, Apply(share, x.shape, out.shape, batched=True))])
 
 
 def_rule("extremum", named("max", "min", "amax", "amin"), _extremum, "linear",
          [lambda x: x.amax(-1, keepdim=True) * x, lambda x: torch.max(x, 1).values[:, None] * x,
-          lambda x: x.min(dim=1)[0] * x[:, 0], lambda x: torch.max(x, x.flip(-1)) * x])
+          lambda x: x.min(dim=1)[0] * x[:, 0], lambda x: torch.max(x, x.flip(-1)) * x,
+          lambda x: torch.cat([x, x[:, :1]], 1).amax(-1, keepdim=True) * x,  # a tie, split evenly
+          Example(lambda x: x.view(-1, 2, 2).repeat(1, 1, 2).amin((1, 2)) * x[:, 0], (4,))])
 
 
 def _cat(ctx: Interpreter, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -71,6 +71,23 @@ class Identity(Map):
         return reduce_to(adjoint, self.in_shape, self.out_shape)
 
 
+class Cast(Map):
+    """A cast to another dtype or device (or a copy): the stack cast alike; its transpose casts the
+    adjoint back, so that a part of f computed in float32 has float32 adjoints."""
+
+    def __init__(self, source: Tensor, target: Tensor):
+        self.in_shape, self.out_shape = source.shape, target.shape
+        self.source, self.target = (source.dtype, source.device), (target.dtype, target.device)
+
+    def __call__(self, stack: Tensor) -> Tensor:
+        dtype, device = self.target
+        return stack.to(dtype=dtype, device=device)
+
+    def transpose(self, adjoint: Tensor) -> Tensor:
+        dtype, device = self.source
+        return adjoint.to(dtype=dtype, device=device)
+
+
 class Linear(Map):
     """x -> x W^T (nn.Linear without its bias): one matrix product over all directions and samples."""
 

@@ -11,13 +11,18 @@ that every path from x to the output goes through: a layer of a chain), the outp
 back down to it, and finishes with one batched product per sample: J = A^T T. At the cut chosen
 for the sizes, forward costs n x (the work below it), reverse m x (the work above), and the
 product n m w for a cut of width w.
+
+Both contract per sample at an inner value (the cut; each operation with a second-order term), so
+they need to know where the batch is in it: first in a layer's output, second in `W @ x.T`, nowhere
+in `x.reshape(-1)`. `analyse` finds out once per f and shape (`Layout`), and a call whose values do
+not have the batch where it was found is refused (Unsupported: a generic strategy computes it).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -26,7 +31,7 @@ from . import memory
 from .interpreter import BYPASS, Interpreter, Jet, Memo, run
 from .maps import Map
 from .order import Order
-from .stacks import Unsupported, add, expanded
+from .stacks import Unsupported, add, expanded, lift
 
 Tape = list[tuple[int, list[tuple[int, Map]]]]
 
@@ -80,22 +85,62 @@ def reverse_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, chunk: int | None
 
 @dataclass(frozen=True)
 class Cut:
-    """Where forward and reverse mode meet: the `index`-th traced value of f (x is the 0th), of
-    per-sample shape `shape`."""
+    """Where forward and reverse mode meet: the value at tape node `index` of f (x is the 0th), of
+    per-sample shape `shape`, its batch along dimension `batch_dim`."""
 
     index: int
     shape: tuple[int, ...]
+    batch_dim: int = 0
+
+
+class Layout:
+    """Where the batch is in each value of f, by tape node, as `analyse` found it: the dimension
+    whose entries follow x's samples when their order is reversed (None: no dimension does, as in a
+    flattened batch). Without a recording on two samples (f ran on one), the batch is taken to be
+    first wherever a value's first dimension has the batch's size."""
+
+    def __init__(self, dims: dict[int, int | None] | None = None, shapes: dict[int, tuple[int, ...]] | None = None):
+        self.dims = dims  # node -> its batch dimension; None: not recorded
+        self.shapes = shapes or {}  # node -> the value's per-sample shape (its shape less the batch dimension)
+
+    def batch_dim(self, node: int, shape: torch.Size, batch: int) -> int | None:
+        """The batch dimension of the value at `node`, of `shape` in this call on `batch` samples (None:
+        one sample, the whole value is its). Raises Unsupported where the value holds no batch
+        dimension, or is not the one recorded (f took another path)."""
+        if batch == 1:
+            return None
+        if self.dims is None:
+            if shape and shape[0] == batch:
+                return 0
+            raise Unsupported(f"f computes a value of shape {tuple(shape)} whose first dimension is not the batch "
+                              f"({batch}): the engine's adjoint forms need it there")
+        if node not in self.dims:
+            raise Unsupported(f"f took another path than the one recorded (more values, one of shape {tuple(shape)})")
+        d = self.dims[node]
+        if d is None:
+            raise Unsupported(f"f computes a value of shape {tuple(shape)} that holds the batch in no dimension of its "
+                              f"own (a flattened batch): the engine's adjoint forms need one")
+        if len(shape) <= d or shape[d] != batch or _without(shape, d) != self.shapes.get(node):
+            raise Unsupported(f"f took another path than the one recorded (a value of shape {tuple(shape)}, not "
+                              f"{self.shapes.get(node)} with the batch in dimension {d})")
+        return d
+
+
+def _without(shape: torch.Size | tuple[int, ...], d: int) -> tuple[int, ...]:
+    return tuple(size for i, size in enumerate(shape) if i != d)
 
 
 @dataclass(frozen=True)
 class Structure:
-    """What one recorded interpretation of f shows: its cuts (in order), and the work of its
-    operations per direction and sample, up to each traced value (prefix sums)."""
+    """What a recorded interpretation of f shows: its cuts (in order), the work of its operations
+    per direction and sample up to each traced value (prefix sums), and where each value holds
+    the batch."""
 
     cuts: tuple[Cut, ...]
     work_before: tuple[int, ...]  # by traced value: the work of every operation up to it
     total: int  # the work of every operation
     out_numel: int  # elements of f's output per sample
+    layout: Layout = field(default_factory=Layout)
 
     def best(self, n: int, m: int) -> tuple[Cut | None, float, float, float]:
         """The inner cut that costs least, and the estimated costs (meet, forward, reverse)."""
@@ -109,19 +154,70 @@ class Structure:
         return best, cost, forward, reverse
 
 
-def analyse(f: Callable[[Tensor], Tensor], x: Tensor) -> Structure:
-    """Record one interpretation of f on x and find its cuts: traced values, strictly between the
-    input and the output, that every path from x to f's output goes through. Raises Unsupported."""
-    interpreter = Interpreter(None, record=True)
-    shapes: list[tuple[int, ...]] = []
-    interpreter.watch = lambda _, value, jet: shapes.append(tuple(value.shape[1:])) if jet.node >= 0 else None
+@dataclass(frozen=True)
+class _Recording:
+    """One interpretation of f with a tape: the tape, each node's value, f's output node and shape."""
+
+    tape: Tape
+    values: dict[int, Tensor]
+    top: int  # f's output node; -1 if f's output does not depend on x
+    out_shape: torch.Size
+
+
+def _record(f: Callable[[Tensor], Tensor], x: Tensor) -> _Recording:
+    interpreter = Interpreter(None, curvature_on_tape=True)
+    values: dict[int, Tensor] = {}
+
+    def watch(_: Interpreter, value: Tensor, jet: Jet) -> None:
+        if jet.node >= 0:
+            values[jet.node] = value
+
+    interpreter.watch = watch
     y, jet = run(f, x, interpreter, None)
-    tape = interpreter.tape
-    assert tape is not None
-    out_numel = math.prod(y.shape[1:])
-    if jet is None:
-        return Structure((), tuple(0 for _ in tape), 0, out_numel)
-    top = jet.node
+    assert interpreter.tape is not None
+    return _Recording(interpreter.tape, values, jet.node if jet is not None else -1, y.shape)
+
+
+def _layout(f: Callable[[Tensor], Tensor], x: Tensor, recorded: _Recording) -> Layout:
+    """Where the batch is in each value recorded on x: f is interpreted again on x's samples in
+    reverse order, and each value's batch dimension is the one it is reversed along (compared
+    with a tolerance: a kernel may round a row differently in another place)."""
+    batch = x.shape[0]
+    if batch < 2:
+        return Layout()
+    again = _record(f, x.flip(0))
+    dims: dict[int, int | None] = {}
+    shapes: dict[int, tuple[int, ...]] = {}
+    same_path = len(again.tape) == len(recorded.tape)
+    for node, value in recorded.values.items():
+        other = again.values.get(node)
+        d = None
+        if same_path and other is not None and other.shape == value.shape:
+            d = next((d for d, size in enumerate(value.shape) if size == batch and _reversed(other, value, d)), None)
+        dims[node] = d
+        if d is not None:
+            shapes[node] = _without(value.shape, d)
+    return Layout(dims, shapes)
+
+
+def _reversed(other: Tensor, value: Tensor, d: int) -> bool:
+    """Whether other is value reversed along d, up to rounding (infinities and NaN where value has them)."""
+    flipped = value.detach().flip(d)
+    rtol = max(1e-5, 100 * torch.finfo(value.dtype).eps)
+    scale = float(flipped.nan_to_num(0.0, 0.0, 0.0).abs().max()) if value.numel() else 0.0
+    return torch.allclose(other.detach(), flipped, rtol=rtol, atol=rtol * scale, equal_nan=True)
+
+
+def analyse(f: Callable[[Tensor], Tensor], x: Tensor) -> Structure:
+    """Record an interpretation of f on x (two distinct samples are enough) and find its cuts: traced
+    values, strictly between the input and the output, that every path from x to f's output goes
+    through and that hold the batch in a dimension of their own. Raises Unsupported."""
+    recorded = _record(f, x)
+    layout = _layout(f, x, recorded)
+    tape, top = recorded.tape, recorded.top
+    out_numel = math.prod(recorded.out_shape[1:])
+    if top < 0:
+        return Structure((), tuple(0 for _ in tape), 0, out_numel, layout)
     live = {top}  # the values f's output depends on
     for node, links in reversed(tape[: top + 1]):
         if node in live:
@@ -140,14 +236,40 @@ def analyse(f: Callable[[Tensor], Tensor], x: Tensor) -> Structure:
         if node + 1 <= top and node + 1 in live:
             reach = min(reach, lowest_source[node + 1])
         if node in live and reach >= node:
-            cuts.append(Cut(node, shapes[node]))
-    return Structure(tuple(reversed(cuts)), tuple(work), total, out_numel)
+            cut = _cut(node, recorded.values[node].shape, layout, x.shape[0])
+            if cut is not None:
+                cuts.append(cut)
+    return Structure(tuple(reversed(cuts)), tuple(work), total, out_numel, layout)
 
 
-def _per_sample_rows(stack: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """A stack (L, *b) of a value of per-sample shape `shape` as (L, b, w): only the batch may stay compact."""
-    stack = expanded(stack, (stack.shape[1], *shape)) if stack.dim() == len(shape) + 2 else stack
-    return stack.reshape(stack.shape[0], stack.shape[1], math.prod(shape))
+def _cut(node: int, shape: torch.Size, layout: Layout, batch: int) -> Cut | None:
+    """The cut at `node` (its value of `shape` recorded on `batch` samples), None where its batch is not known."""
+    if layout.dims is None:
+        return Cut(node, tuple(shape[1:])) if shape and shape[0] == batch else None
+    d = layout.dims.get(node)
+    return None if d is None else Cut(node, layout.shapes[node], d)
+
+
+def _rows(stack: Tensor, shape: torch.Size, batch_dim: int | None) -> Tensor:
+    """A stack (L, *b) of a value of `shape` as (L, b, w): its batch dimension first (b is the batch,
+    or 1 where the stack is the same for every sample), the others flattened; batch_dim None: the
+    whole value is one sample's, (L, 1, numel)."""
+    stack = lift(stack, len(shape))
+    if batch_dim is None:
+        return expanded(stack, shape).reshape(stack.shape[0], 1, -1)
+    if batch_dim:
+        stack = stack.movedim(batch_dim + 1, 1)
+    rest = _without(shape, batch_dim)
+    stack = stack.expand(stack.shape[0], stack.shape[1], *rest)
+    return stack.reshape(stack.shape[0], stack.shape[1], math.prod(rest))
+
+
+def _promoted(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """a and b in one dtype (an adjoint from a double part of f meeting a float32 stack)."""
+    if a.dtype == b.dtype:
+        return a, b
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
 
 
 def meet_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, cut: Cut, chunk: int | None = None) -> Tensor:
@@ -155,9 +277,11 @@ def meet_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, cut: Cut, chunk: int
     then one batched product per sample. Raises Unsupported if, on this call, the value at the cut
     is not one (f took another path): the caller computes the Jacobian another way."""
     n = math.prod(x.shape[1:])
+    batch = x.shape[0]
     interpreter = Interpreter(Order("first", n), record=False)
     seen = [0]
     held: dict[str, Tensor] = {}
+    at: list[torch.Size] = []  # the shape of the value at the cut
 
     def watch(interp: Interpreter, value: Tensor, jet: Jet) -> None:
         if jet.stale:
@@ -165,10 +289,13 @@ def meet_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, cut: Cut, chunk: int
         seen[0] += 1
         if seen[0] - 1 != cut.index:
             return
-        if tuple(value.shape[1:]) != cut.shape:
-            interp.fail(f"the meeting point of forward and reverse mode moved (shape {tuple(value.shape[1:])}, "
-                        f"not {cut.shape})")
+        shape = value.shape
+        d = cut.batch_dim
+        if len(shape) <= d or shape[d] != batch or _without(shape, d) != cut.shape:
+            interp.fail(f"the meeting point of forward and reverse mode moved (a value of shape {tuple(shape)}, not "
+                        f"{cut.shape} with the batch in dimension {d})")
         held["t"] = jet.tangents()  # (n, *b): the forward half
+        at.append(shape)
         for ref, other in list(interp.table.values()):
             if ref() is not value:
                 other.node = BYPASS
@@ -186,9 +313,7 @@ def meet_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, cut: Cut, chunk: int
     if jet is not None and jet.node == BYPASS:
         raise Unsupported("f's output depends on x other than through the meeting point of forward and reverse mode")
     m = math.prod(y.shape[1:])
-    batch = x.shape[0]
-    forward_half = held["t"]
-    t = _per_sample_rows(forward_half, cut.shape).permute(1, 2, 0)  # (b, w, n)
+    t = _rows(held["t"], at[0], cut.batch_dim).permute(1, 2, 0)  # (b, w, n)
     tape = interpreter.tape
     assert tape is not None
     rows = []
@@ -198,8 +323,8 @@ def meet_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, cut: Cut, chunk: int
         if adjoint is None:
             rows.append(x.new_zeros(batch, k, n))
             continue
-        a = _per_sample_rows(adjoint, cut.shape).transpose(0, 1)  # (b, k, w)
-        if k == m and not torch.is_grad_enabled() and a.shape[0] == t.shape[0] == batch:
+        a, t = _promoted(_rows(adjoint, at[0], cut.batch_dim).transpose(0, 1), t)  # (b, k, w)
+        if k == m and not torch.is_grad_enabled() and a.shape[0] == t.shape[0] == batch and a.dtype == x.dtype:
             rows.append(torch.matmul(a, t, out=memory.empty((batch, k, n), x)))  # one batched product over the samples
         else:
             rows.append(torch.matmul(a, t).expand(batch, k, n))
@@ -210,26 +335,30 @@ def meet_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, cut: Cut, chunk: int
 
 
 def second_order_by_adjoints(op: str, f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor | None = None,
-                             chunk: int | None = None) -> Tensor:
+                             chunk: int | None = None, layout: Layout | None = None) -> Tensor:
     """laplacian, hessian_diag, hvp or hessian (shapes in api) without second-order stacks: the
     input's tangents are carried forward, each operation's own second-order term (y'' T_a T_b for
     an elementwise y, the cross term of a product...) is kept on the tape, and one reverse sweep per
     output element weights them by the output's adjoint: d2 f_m / de_a de_b is the sum over the
     operations of <adjoint of f_m at the op, its term>. Cheaper than carrying the second-order
     stacks through every later layer when there are fewer outputs than pairs of directions (a
-    scalar's Hessian diagonal or Hessian). `chunk` input directions per interpretation."""
+    scalar's Hessian diagonal or Hessian). `chunk` input directions per interpretation; `layout`
+    where each value holds the batch (`analyse`; None: first, where a value's first dimension has
+    the batch's size)."""
     from .api import spans, spans_of_work
 
     n = math.prod(x.shape[1:])
     stacks = (n + 3) / 2 if op == "hessian" else 3.0  # every nonlinear operation's input tangents live until the sweep
     block, chunk = spans_of_work(f, x, op, chunk, stacks)
+    layout = layout or Layout()
     if block >= x.shape[0]:
-        return _by_adjoints(op, f, x, v, chunk)
-    return torch.cat([_by_adjoints(op, f, x[start:stop], v[start:stop] if v is not None else None, chunk)
+        return _by_adjoints(op, f, x, v, chunk, layout)
+    return torch.cat([_by_adjoints(op, f, x[start:stop], v[start:stop] if v is not None else None, chunk, layout)
                       for start, stop in spans(x.shape[0], block)])
 
 
-def _by_adjoints(op: str, f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor | None, chunk: int | None) -> Tensor:
+def _by_adjoints(op: str, f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor | None, chunk: int | None,
+                 layout: Layout) -> Tensor:
     """second_order_by_adjoints on one block of samples."""
     from .api import forward, order_for, spans
 
@@ -250,7 +379,7 @@ def _by_adjoints(op: str, f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor | 
             pieces.append(y.new_zeros(y.shape[0], m, pairs))
             continue
         seed = _one_hot(0, m, y)
-        total = _weighted_curvatures(interpreter, jet.node, seed, order)
+        total = _weighted_curvatures(interpreter, jet.node, seed, order, layout, x.shape[0])
         pieces.append(y.new_zeros(y.shape[0], m, pairs) if total is None else total.expand(y.shape[0], m, pairs))
     assert y is not None
     out = y.shape[1:]
@@ -277,9 +406,10 @@ def _pair_count(order: Order) -> int:
     return order.directions
 
 
-def _weighted_curvatures(interpreter: Interpreter, top: int, seed: Tensor, order: Order) -> Tensor | None:
-    """Sum over the tape's operations of <adjoint at the op, its curvature>: (b, M, P) for the M
-    output directions of `seed` and the order's P pairs."""
+def _weighted_curvatures(interpreter: Interpreter, top: int, seed: Tensor, order: Order, layout: Layout,
+                         batch: int) -> Tensor | None:
+    """Sum over the tape's operations of <adjoint at the op, its curvature>, per sample: (b, M, P) for
+    the M output directions of `seed` and the order's P pairs."""
     tape, curvatures, shapes = interpreter.tape, interpreter.curvatures, interpreter.shapes
     assert tape is not None and curvatures is not None
     adjoints: dict[int, Tensor] = {top: seed}
@@ -292,10 +422,11 @@ def _weighted_curvatures(interpreter: Interpreter, top: int, seed: Tensor, order
         if curvature is not None:
             term = curvature(order)
             if term is not None:
-                shape = tuple(shapes[node][1:])
-                a = _per_sample_rows(adjoint, shape).transpose(0, 1)  # (b, M, w)
-                c = _per_sample_rows(term, shape).permute(1, 2, 0)  # (b, w, P)
-                total = add(total, torch.matmul(a, c))
+                shape = shapes[node]
+                d = layout.batch_dim(node, shape, batch)
+                a = _rows(adjoint, shape, d).transpose(0, 1)  # (b, M, w)
+                c = _rows(term, shape, d).permute(1, 2, 0)  # (b, w, P)
+                total = add(total, torch.matmul(*_promoted(a, c)))
         for source, m in links:
             adjoints[source] = add(adjoints.get(source), m.transpose(adjoint))  # type: ignore[assignment]
     return total

@@ -52,7 +52,9 @@ def _second_order(p: Problem, chunk: int | None) -> Tensor:
 
 
 def _by_adjoints(p: Problem, chunk: int | None) -> Tensor:
-    return reverse.second_order_by_adjoints(p.op, p.f, p.x, p.v, chunk)
+    structure = api.profile(p.f, p.x).structure(p.f, p.x)  # where f's values hold the batch
+    layout = structure.layout if isinstance(structure, reverse.Structure) else None
+    return reverse.second_order_by_adjoints(p.op, p.f, p.x, p.v, chunk, layout)
 
 
 def _jacobian(p: Problem, chunk: int | None) -> Tensor:
@@ -71,7 +73,8 @@ def _meet_applies(p: Problem) -> str:
     if isinstance(structure, str):
         return structure
     if not structure.cuts:
-        return "f has no layer that every path from x to its output goes through (as a chain's layers are)"
+        return ("f has no layer that every path from x to its output goes through (as a chain's layers are) and "
+                "holds the batch in a dimension of its own")
     return ""
 
 
