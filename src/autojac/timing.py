@@ -98,7 +98,7 @@ class TuneSettings:
     # (probes included), so that its whole first call stays under 100 ms, 50 calls of 2 ms (fewer
     # calls' worth of anything cheaper would leave too few timings to tell strategies apart).
     cheap_call: float = 2e-3
-    cheap_budget: float = 0.08
+    cheap_budget: float = 0.07
 
     @classmethod
     def from_env(cls) -> TuneSettings:
