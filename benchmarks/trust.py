@@ -31,6 +31,7 @@ import tempfile
 import textwrap
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -522,9 +523,8 @@ def case_forced_wrong_strategy_layernorm(ctx: Ctx) -> None:
             raise
 
 
-@case("untuned-plan", "force field f = -grad E(x) computed with autograd.grad inside f, tune=False: the "
-                      "Jacobian is -Hessian(E)")
-def case_force_field_untuned(ctx: Ctx) -> None:
+def _force_field() -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
+    """f = -grad E(x) computed with autograd.grad inside f, x, and its Jacobian -Hessian(E)."""
     seeded()
     net = mlp(3, 1, width=8)
 
@@ -535,23 +535,19 @@ def case_force_field_untuned(ctx: Ctx) -> None:
             return -torch.autograd.grad(energy, xr, create_graph=True)[0]
 
     x = torch.randn(4, 3)
-    expected = -ref_hessian(net, x)[:, 0]
+    return force, x, -ref_hessian(net, x)[:, 0]
+
+
+@case("untuned-plan", "force field f = -grad E(x) computed with autograd.grad inside f, tune=False: the "
+                      "Jacobian is -Hessian(E)")
+def case_force_field_untuned(ctx: Ctx) -> None:
+    force, x, expected = _force_field()
     ctx.check(autojac.jacobian(force, x, tune=False), expected, "jacobian, tune=False", second=True)
 
 
 @case("untuned-plan", "force field f = -grad E(x), tuned: the Jacobian is -Hessian(E)", allow_warnings=True)
 def case_force_field_tuned(ctx: Ctx) -> None:
-    seeded()
-    net = mlp(3, 1, width=8)
-
-    def force(x: Tensor) -> Tensor:
-        with torch.enable_grad():
-            xr = x if x.requires_grad else x.detach().requires_grad_(True)
-            energy = net(xr).sum()
-            return -torch.autograd.grad(energy, xr, create_graph=True)[0]
-
-    x = torch.randn(4, 3)
-    expected = -ref_hessian(net, x)[:, 0]
+    force, x, expected = _force_field()
     ctx.check(autojac.jacobian(force, x), expected, "jacobian, tuned", second=True)
 
 

@@ -192,3 +192,17 @@ def assert_right(actual: torch.Tensor, expected: torch.Tensor, what: str, *, sec
     zeros = " (all zeros)" if actual.numel() and float(actual.detach().abs().max()) == 0 else ""
     assert error <= allowed, (f"{what}: relative error {error:.3g}{zeros} against the independent reference "
                               f"(allowed {allowed:g}); shapes {tuple(actual.shape)} vs {tuple(expected.shape)}")
+
+
+def directional_fd(params, directions, loss, eps: float = 1e-5) -> float:
+    """d loss / d params along directions by central differences (run it in float64)."""
+    with torch.no_grad():
+        for p, d in zip(params, directions):
+            p.add_(eps * d)
+        up = loss()
+        for p, d in zip(params, directions):
+            p.sub_(2 * eps * d)
+        down = loss()
+        for p, d in zip(params, directions):
+            p.add_(eps * d)
+    return ((up - down) / (2 * eps)).item()

@@ -11,6 +11,7 @@ from torch.func import jacrev, vmap
 
 import autojac
 from autojac.norms import ExactNorms, fused_norm
+from helpers import directional_fd
 
 D = torch.float64
 
@@ -50,19 +51,6 @@ def test_the_plain_forms_give_the_fused_kernels_values_and_running_statistics(na
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
-def _directional_fd(params, directions, loss, eps=1e-5):
-    with torch.no_grad():
-        for p, d in zip(params, directions):
-            p.add_(eps * d)
-        up = loss()
-        for p, d in zip(params, directions):
-            p.sub_(2 * eps * d)
-        down = loss()
-        for p, d in zip(params, directions):
-            p.add_(eps * d)
-    return ((up - down) / (2 * eps)).item()
-
-
 @pytest.mark.parametrize("norm", ["layer", "group"])
 @pytest.mark.parametrize("strategy", ["grad_grad_diag", "hvp_diag", "auto"])
 def test_training_through_a_laplacian_of_a_normalized_model_has_right_gradients(norm, strategy):
@@ -80,7 +68,7 @@ def test_training_through_a_laplacian_of_a_normalized_model_has_right_gradients(
         hessian = vmap(jacrev(jacrev(lambda xi: net(xi[None])[0])))(x)  # (B, 1, 4, 4)
         return (weights * hessian.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()
 
-    expected = _directional_fd(params, directions, reference)
+    expected = directional_fd(params, directions, reference)
     lap = autojac.laplacian(net, x, create_graph=True, strategy=strategy, tune=False)
     gradients = torch.autograd.grad((weights * lap).sum(), params)
     got = sum((g * d).sum() for g, d in zip(gradients, directions)).item()

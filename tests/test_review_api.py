@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import jacrev, vmap
 
 import autojac
+from helpers import directional_fd
 
 D = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -76,20 +77,6 @@ def test_the_engine_applies_with_dims(batch, width):
     assert not any("index_copy" in reason for reason in plan.excluded.values())
 
 
-def _directional_fd(params, directions, loss, eps=1e-5):
-    """d loss / d params along directions by central differences (float64)."""
-    with torch.no_grad():
-        for p, d in zip(params, directions):
-            p.add_(eps * d)
-        up = loss()
-        for p, d in zip(params, directions):
-            p.sub_(2 * eps * d)
-        down = loss()
-        for p, d in zip(params, directions):
-            p.add_(eps * d)
-    return ((up - down) / (2 * eps)).item()
-
-
 @pytest.mark.parametrize("extra", ["dims", "args"])
 def test_training_through_the_laplacian_of_a_layernorm_model_with_extras_has_right_gradients(extra):
     # With dims or a per-sample argument the engine is excluded (bugs above), so autojac picks
@@ -115,7 +102,7 @@ def test_training_through_the_laplacian_of_a_layernorm_model_with_extras_has_rig
         hessian = per_sample_hessian(f, x, s)[:, dims][:, :, dims]
         return (weights * laplacian_of(hessian)).sum()
 
-    expected = _directional_fd(params, directions, reference)
+    expected = directional_fd(params, directions, reference)
     if extra == "dims":
         lap = autojac.laplacian(lambda x: f(x, torch.ones_like(x[:, :1])), x, dims=dims, create_graph=True)
     else:
@@ -470,7 +457,7 @@ def test_training_through_the_hvp_of_a_layernorm_model_has_right_gradients():
         hessian = vmap(jacrev(jacrev(lambda xi: net(xi[None])[0])))(x)  # second order: right
         return (weights * (hessian @ v[:, :, None])[..., 0]).sum()
 
-    expected = _directional_fd(params, directions, reference)
+    expected = directional_fd(params, directions, reference)
     hvp = autojac.hvp(net, x, v, create_graph=True, tune=False)
     gradients = torch.autograd.grad((weights * hvp).sum(), params)
     got = sum((g * d).sum() for g, d in zip(gradients, directions)).item()
