@@ -8,7 +8,9 @@ case). Under `ExactNorms` the functional forms (F.layer_norm, F.group_norm, F.ba
 F.instance_norm, which nn.LayerNorm, nn.GroupNorm, nn.BatchNorm*d and nn.InstanceNorm*d call) run
 as means, variances and rsqrt instead, whose derivatives of every order autograd gets right. The
 planner switches it on only where a result keeps its graph (create_graph=True) and f's graph holds a
-fused normalization (`fused_norm`); elsewhere the fused kernels are right and faster.
+fused normalization (`fused_norm`); elsewhere the fused kernels are right and faster, but for
+strategies that differentiate a forward-mode derivative again (Strategy.nests_forward): the
+derivatives of layer_norm's jvp are wrong too, even at second order, so those always run under it.
 
 Running statistics are updated as the fused kernels update them (momentum, unbiased variance).
 """

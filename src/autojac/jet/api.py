@@ -319,13 +319,16 @@ class Profile:
         self.reason = reason
         self._structure: Structure | str | None = None
 
-    def structure(self, f: Callable[[Tensor], Tensor], x: Tensor) -> Structure | str:
+    def structure(self, f: Callable[[Tensor], Tensor], x: Tensor,
+                  flipped: Callable[[Tensor], Tensor] | None = None) -> Structure | str:
         """f's cuts and where its values hold the batch, from recorded interpretations on two samples
-        (reverse.analyse); or why there are none. These passes of f are autojac's own (no aux)."""
+        (reverse.analyse); or why there are none. These passes of f are autojac's own (no aux). Where
+        f has per-sample arguments bound, x has two samples and `flipped` is f for them reversed."""
         if self._structure is None:
             try:
                 with torch.no_grad(), preserved_buffers(describe(f).modules()), checking():
-                    self._structure = analyse(f, _two_samples(x.detach()))
+                    sample = x.detach() if flipped is not None else _two_samples(x.detach())
+                    self._structure = analyse(f, sample, flipped)
             except Exception as error:  # never raised to the user: the strategy does not apply
                 self._structure = f"{type(error).__name__}: {error}" if not isinstance(error, Unsupported) else str(error)
         return self._structure

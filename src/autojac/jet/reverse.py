@@ -178,14 +178,16 @@ def _record(f: Callable[[Tensor], Tensor], x: Tensor) -> _Recording:
     return _Recording(interpreter.tape, values, jet.node if jet is not None else -1, y.shape)
 
 
-def _layout(f: Callable[[Tensor], Tensor], x: Tensor, recorded: _Recording) -> Layout:
-    """Where the batch is in each value recorded on x: f is interpreted again on x's samples in
-    reverse order, and each value's batch dimension is the one it is reversed along (compared
-    with a tolerance: a kernel may round a row differently in another place)."""
+def _layout(f: Callable[[Tensor], Tensor], x: Tensor, recorded: _Recording,
+            flipped: Callable[[Tensor], Tensor]) -> Layout:
+    """Where the batch is in each value recorded on x: `flipped` (f with its per-sample arguments in
+    reverse order) is interpreted on x's samples in reverse order, and each value's batch dimension
+    is the one it is reversed along (compared with a tolerance: a kernel may round a row differently
+    in another place)."""
     batch = x.shape[0]
     if batch < 2:
         return Layout()
-    again = _record(f, x.flip(0))
+    again = _record(flipped, x.flip(0))
     dims: dict[int, int | None] = {}
     shapes: dict[int, tuple[int, ...]] = {}
     same_path = len(again.tape) == len(recorded.tape)
@@ -208,12 +210,14 @@ def _reversed(other: Tensor, value: Tensor, d: int) -> bool:
     return torch.allclose(other.detach(), flipped, rtol=rtol, atol=rtol * scale, equal_nan=True)
 
 
-def analyse(f: Callable[[Tensor], Tensor], x: Tensor) -> Structure:
+def analyse(f: Callable[[Tensor], Tensor], x: Tensor,
+            flipped: Callable[[Tensor], Tensor] | None = None) -> Structure:
     """Record an interpretation of f on x (two distinct samples are enough) and find its cuts: traced
     values, strictly between the input and the output, that every path from x to f's output goes
-    through and that hold the batch in a dimension of their own. Raises Unsupported."""
+    through and that hold the batch in a dimension of their own. `flipped`: f for x's samples in
+    reverse order, where f has per-sample arguments bound (f itself if None). Raises Unsupported."""
     recorded = _record(f, x)
-    layout = _layout(f, x, recorded)
+    layout = _layout(f, x, recorded, flipped or f)
     tape, top = recorded.tape, recorded.top
     out_numel = math.prod(recorded.out_shape[1:])
     if top < 0:

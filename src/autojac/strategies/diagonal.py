@@ -109,6 +109,7 @@ def _vmap_memory(s: Sizes, chunk: int | None) -> int:
 
 register(Strategy(
     name="fwd_fwd_diag", ops=OPS_DIAGONAL, run=_fwd_fwd, memory=_forward_memory, basis=lambda s: s.n,
+    nests_forward=True,
     needs=frozenset({BATCH_INDEPENDENT}),
     summary="nested forward mode (jvp of jvp) along each input basis vector broadcast over the batch",
 ))

@@ -92,6 +92,7 @@ register(Strategy(
 ))
 register(Strategy(
     name="hvp_rev_fwd", ops=HVP, run=_hvp_rev_fwd, memory=_vector_memory, basis=_out_basis,
+    nests_forward=True,
     needs=frozenset({BATCH_INDEPENDENT}),
     summary="reverse over forward: gradient of the batch-summed jvp along v",
 ))

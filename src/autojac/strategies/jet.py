@@ -51,8 +51,26 @@ def _second_order(p: Problem, chunk: int | None) -> Tensor:
     return api.second_order(p.op, p.f, p.x, p.v, chunk)
 
 
+def _structure(p: Problem) -> reverse.Structure | str:
+    """f's cuts and where its values hold the batch (api.Profile.structure), found on two distinct
+    samples: where f has per-sample arguments bound (args, dims), it takes only the whole batch, so
+    they are taken at those samples too, and reversed with them."""
+    if not p.args or p.base is None or p.batch < 2:
+        return api.profile(p.f, p.x).structure(p.f, p.x)
+    base, flat = p.base, p.x.flatten(1)
+    differ = (flat != flat[:1]).any(1).nonzero()  # equal samples would not tell where the batch is
+    index = torch.tensor([0, int(differ[0]) if differ.numel() else 1], device=p.x.device)
+
+    def args(order: Tensor) -> tuple[object, ...]:
+        return tuple(a if d is None else a.index_select(d, order.to(a.device)) for a, d in zip(p.args, p.arg_dims))
+
+    ahead, flipped = args(index), args(index.flip(0))
+    return api.profile(p.f, p.x).structure(lambda x: base(x, *ahead), p.x[index],
+                                           lambda x: base(x, *flipped))
+
+
 def _by_adjoints(p: Problem, chunk: int | None) -> Tensor:
-    structure = api.profile(p.f, p.x).structure(p.f, p.x)  # where f's values hold the batch
+    structure = _structure(p)  # where f's values hold the batch
     layout = structure.layout if isinstance(structure, reverse.Structure) else None
     return reverse.second_order_by_adjoints(p.op, p.f, p.x, p.v, chunk, layout)
 
@@ -69,7 +87,7 @@ def _meet_applies(p: Problem) -> str:
     why = _applies(p)
     if why:
         return why
-    structure = api.profile(p.f, p.x).structure(p.f, p.x)
+    structure = _structure(p)
     if isinstance(structure, str):
         return structure
     if not structure.cuts:
@@ -79,7 +97,7 @@ def _meet_applies(p: Problem) -> str:
 
 
 def _meet_jacobian(p: Problem, chunk: int | None) -> Tensor:
-    structure = api.profile(p.f, p.x).structure(p.f, p.x)
+    structure = _structure(p)
     if isinstance(structure, str) or not structure.cuts:
         raise Unsupported("f has no cut")
     out_numel = structure.out_numel

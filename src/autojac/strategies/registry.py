@@ -57,6 +57,10 @@ class Strategy:
     # it computes without a graph of its own (torch.func, plain forward arithmetic), so without
     # create_graph it runs under no_grad and builds none through the parameters.
     autograd: bool = False
+    # True: it differentiates a forward-mode derivative (jvp) again, which PyTorch's fused
+    # normalizations get wrong even without create_graph (norms.py): they always run as plain
+    # operations in it.
+    nests_forward: bool = False
     summary: str = ""
 
     def __post_init__(self) -> None:
@@ -80,9 +84,12 @@ class Strategy:
         the parameters f uses, also when called under torch.no_grad())."""
         if torch.is_inference_mode_enabled():
             return self._outside_inference(problem, chunk)
-        if problem.exact_norms:
+        if problem.exact_norms or self.nests_forward:
             with ExactNorms():
-                return self(problem.replace(exact_norms=False), chunk)
+                return self._in_grad_mode(problem.replace(exact_norms=False), chunk)
+        return self._in_grad_mode(problem, chunk)
+
+    def _in_grad_mode(self, problem: Problem, chunk: int | None) -> Tensor:
         if problem.create_graph or self.autograd:
             if torch.is_grad_enabled():
                 result = self.run(problem, chunk)
