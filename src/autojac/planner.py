@@ -63,6 +63,8 @@ PRUNE_ABOVE_BYTES = 16 * 2**20
 FIXED_CHECKS = 3
 # A glance is (op, x.shape, x.dtype, x.device, x.layout, create_graph, batch_independent, tune, ...).
 GLANCE_TUNE = 7
+# Operations whose strategies differentiate once (unless create_graph).
+FIRST_ORDER = frozenset({"jacobian", "divergence"})
 
 
 def heuristic_order(op: str, sizes: Sizes) -> list[str]:
@@ -346,10 +348,15 @@ class Planner:
 
     def exact(self, sig: Signature, problem: Problem) -> Problem:
         """The problem, with f's fused normalizations run as plain operations where the result keeps
-        its graph (norms.py: their derivatives beyond second order are wrong in PyTorch)."""
-        if not sig.create_graph or problem.exact_norms or not self.probes(sig, problem).fused_norm:
+        its graph (norms.py: their derivatives beyond second order are wrong in PyTorch), and for
+        GroupNorm at second order (its batched double backward fails on a reshape, its backward has
+        no forward-mode derivative)."""
+        if problem.exact_norms or sig.op in FIRST_ORDER and not sig.create_graph:
             return problem
-        return problem.replace(exact_norms=True)
+        fused = self.probes(sig, problem).fused_norm
+        if fused and (sig.create_graph or fused == "NativeGroupNorm"):
+            return problem.replace(exact_norms=True)
+        return problem
 
     def probes(self, sig: Signature, problem: Problem) -> Probes:
         """Probe f once per signature (the operation and create_graph do not matter)."""
