@@ -36,8 +36,9 @@ def problem(op: str, f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor | None,
             create_graph: bool = False) -> Problem:
     """The Problem a strategy is called with (a new field of Problem: add it here). `derivatives`
     is asked for the value, the Jacobian and the Laplacian, as a PINN residual needs them."""
-    want = ("value", "jacobian", "laplacian") if op == "derivatives" else ()
-    return Problem(op, f, x, v, create_graph, want=want)
+    if op != "derivatives":
+        return Problem(op, f, x, v, create_graph)  # as autojac versions without `want` take it
+    return Problem(op, f, x, v, create_graph, want=("value", "jacobian", "laplacian"))
 
 
 def strategy_call(strategy: Strategy, op: str, f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor | None,

@@ -44,6 +44,18 @@ def test_a_batch_size_within_2x_of_a_tuned_one_reuses_its_plan_without_timing(mo
     assert autojac.explain(f, torch.randn(65, 5)).tuned_batch is None
 
 
+@pytest.mark.parametrize("op,create_graph", [("laplacian", False), ("hessian_diag", True), ("jacobian", True)])
+def test_a_new_batch_size_within_2x_is_not_probed_again(monkeypatch, op, create_graph):
+    # what the probes found about f (its fused normalizations among it) holds at every batch size
+    f = mlp(3, 1)
+    getattr(autojac, op)(f, torch.randn(32, 3), create_graph=create_graph)
+    probed = []
+    real = planner_module.run_probes
+    monkeypatch.setattr(planner_module, "run_probes", lambda *a, **k: probed.append(1) or real(*a, **k))
+    getattr(autojac, op)(f, torch.randn(48, 3), create_graph=create_graph)
+    assert probed == []
+
+
 def test_a_reused_plan_is_kept_in_memory_and_made_again_in_a_new_process():
     f = mlp(5, 3)
     autojac.jacobian(f, torch.randn(32, 5))

@@ -219,6 +219,7 @@ class Planner:
         # f -> {(name, glance): Entry}
         self._entries = WeakTable()
         self._probes: dict[Signature, Probes] = {}
+        self._fused_norms: dict[str, str] = {}  # Signature.family -> Probes.fused_norm
         self._served: dict[Signature, Served] = {}  # the plan served per signature, and its schedule of checks
         self._locks: dict[Signature, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -353,7 +354,9 @@ class Planner:
         no forward-mode derivative)."""
         if problem.exact_norms or sig.op in FIRST_ORDER and not sig.create_graph:
             return problem
-        fused = self.probes(sig, problem).fused_norm
+        fused = self._fused_norms.get(sig.family)
+        if fused is None:  # the same at every batch size: a new one is not probed for it
+            fused = self._fused_norms[sig.family] = self.probes(sig, problem).fused_norm
         if fused and (sig.create_graph or fused == "NativeGroupNorm"):
             return problem.replace(exact_norms=True)
         return problem
@@ -455,6 +458,7 @@ class Planner:
             return dataclasses.replace(other, op="", create_graph=False, batch=0) == probe_key
 
         self._probes = {k: v for k, v in self._probes.items() if not related(k)}
+        self._fused_norms.clear()  # taken from the probes again, where they are kept
         for known in [s for s in self._hot if related(s)]:
             self._hot.pop(known, None)
             self._trusted.discard(known.key)
@@ -470,6 +474,7 @@ class Planner:
         self._hot.clear()
         self._families.clear()
         self._probes.clear()
+        self._fused_norms.clear()
         self._trusted.clear()
         self._made.clear()
         self._served.clear()
