@@ -69,6 +69,27 @@ def test_a_much_slower_candidate_is_dropped_after_one_timed_call():
     assert len(outcome.samples["fast"].seconds) >= SETTINGS.min_repeats
 
 
+def sequence_runner(clock, costs):
+    """Each candidate's calls take the times listed for it, in turn (the last one repeats)."""
+    def run(candidate):
+        times = costs[candidate.label]
+        clock.t += times.pop(0) if len(times) > 1 else times[0]
+        return ANSWER
+    return run
+
+
+@pytest.mark.parametrize("fast_calls", [
+    [1.0, 5.0, 0.5],   # its timed call landed on a busy moment: 10x the best, then 0.5
+    [50.0, 0.5],       # a slow first call (one-time costs), cheap against the budget: timed anyway
+])
+def test_one_slow_timing_does_not_drop_the_fastest_candidate(fast_calls):
+    clock = FakeClock()
+    pool = [make("steady", rank=0), make("fast", rank=1)]
+    outcome = choose(pool, sequence_runner(clock, {"steady": [1.0], "fast": fast_calls}), clock=clock,
+                     settings=TuneSettings(budget=5000.0), tune=True)
+    assert outcome.winner.label == "fast"
+
+
 def test_the_budget_stops_timing_and_says_so():
     pool = [make("a", rank=0), make("b", rank=1), make("c", rank=2)]
     outcome = tune(pool, {"a": 2.0, "b": 2.0, "c": 0.1}, settings=TuneSettings(budget=5.0))

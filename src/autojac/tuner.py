@@ -24,6 +24,10 @@ from .numerics import agree
 from .strategies.registry import Strategy
 from .timing import Clock, Samples, TuneSettings, timed
 
+# A candidate far behind the best on its first call is timed again anyway if that call took under this
+# share of the budget.
+CHEAP_RETIME = 0.02
+
 log = logging.getLogger("autojac")
 
 
@@ -168,8 +172,9 @@ class _Tuning:
 
         The budget (the settings' unless given) is checked before each candidate: none starts
         when less is left than the best time so far. A warm-up that spent the budget, or that
-        was already far behind the best, is not repeated: its time stands as its one sample
-        (an upper bound).
+        was already far behind the best and not cheap (CHEAP_RETIME), is not repeated: its time
+        stands as its one sample (an upper bound). A timed call over the drop factor is taken
+        again before it drops the candidate.
         """
         label = candidate.label
         budget = self._budget() * (budget or 1.0)
@@ -181,9 +186,13 @@ class _Tuning:
         failure = ""
         try:
             result, seconds = timed(self.clock, lambda: self.run(candidate))
-            far_behind = seconds > 2 * self.settings.drop_factor * self._best()
-            if self.tune and not far_behind and self._spent() < budget:
+            if self.tune and self._worth_timing(seconds, budget, 2 * self.settings.drop_factor):
                 _, seconds = timed(self.clock, lambda: self.run(candidate))
+                if seconds > self.settings.drop_factor * self._best() and self._spent() < budget:
+                    # a timing over the drop factor is taken again before it drops the candidate: one
+                    # slow call (a busy moment) must not decide alone; the faster of the two stands
+                    _, again = timed(self.clock, lambda: self.run(candidate))
+                    seconds = min(seconds, again)
         except Exception as error:  # a failing candidate is data: excluded with its reason
             failure = describe_failure(error)
             del error
@@ -207,6 +216,14 @@ class _Tuning:
         else:
             self.active.append(candidate)
         return True
+
+    def _worth_timing(self, seconds: float, budget: float, factor: float) -> bool:
+        """Whether a candidate whose last call took `seconds` is timed (again): budget left, and
+        within `factor` of the best so far or cheap (under CHEAP_RETIME of the budget: a first
+        call's one-time costs or a busy moment must not drop it unseen)."""
+        if self._spent() >= budget:
+            return False
+        return seconds <= factor * self._best() or seconds < CHEAP_RETIME * budget
 
     def _join_class(self, label: str, result: Tensor) -> bool:
         if not (torch.is_tensor(result) or (isinstance(result, tuple) and all(map(torch.is_tensor, result)))):
