@@ -10,7 +10,9 @@ as means, variances and rsqrt instead, whose derivatives of every order autograd
 planner switches it on only where a result keeps its graph (create_graph=True) and f's graph holds a
 fused normalization (`fused_norm`); elsewhere the fused kernels are right and faster, but for
 strategies that differentiate a forward-mode derivative again (Strategy.nests_forward): the
-derivatives of layer_norm's jvp are wrong too, even at second order, so those always run under it.
+derivatives of layer_norm's jvp are wrong too, even at second order, so those always run under it;
+and for GroupNorm at second order, whose batched double backward fails and whose backward has no
+forward-mode derivative (Planner.exact).
 
 Running statistics are updated as the fused kernels update them (momentum, unbiased variance).
 """
