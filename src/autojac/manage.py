@@ -20,7 +20,7 @@ from .calls import arg_dims, dims_values
 from .cache import DiskStore, EnvironmentStore, read_plan_file, unusable_reason, write_plan_file
 from .models import Op, Plan
 from .planner import default_planner
-from .problem import BatchedFn
+from .problem import BatchedFn, check_x
 from .signature import TORCH_VERSION
 from .store import MergeCounts
 from .strategies import registry
@@ -108,7 +108,7 @@ def import_plans(path: str | os.PathLike[str]) -> ImportCounts:
     return ImportCounts(**dataclasses.asdict(merged), invalid=invalid, foreign=foreign)
 
 
-def warm(f: BatchedFn, x: Tensor, ops: Sequence[Op] = ("jacobian",), *, batch_sizes: Sequence[int] | None = None,
+def warm(f: BatchedFn, x: api.Inputs, ops: Sequence[Op] = ("jacobian",), *, batch_sizes: Sequence[int] | None = None,
          quantities: Sequence[api.Quantity] = ("value", "jacobian", "laplacian"), **kwargs: Any) -> list[Plan]:
     """Make the plans of `ops` for f at a batch shaped like x now (tuning unless tune=False is
     given, even under AUTOJAC_TUNE=0 or AUTOJAC_REQUIRE_PLAN=1), and store them. A signature that
@@ -118,28 +118,38 @@ def warm(f: BatchedFn, x: Tensor, ops: Sequence[Op] = ("jacobian",), *, batch_si
     batch_independent=, v=, args=, in_dims=, dims=, has_aux=) go to `autojac.explain`; for "hvp"
     without v, a random v shaped like x is used (the plan does not depend on v's values).
     `quantities` are the ones "derivatives" in ops computes (derivatives' own ops=).
-    Returns the plans, one per op and batch size."""
+    x may be a tuple of inputs, as in `autojac.jacobian(f, (x, s))`. Returns the plans, one per
+    op and batch size."""
     if isinstance(ops, str):
         raise TypeError(f"ops must be a sequence of operation names, e.g. ({ops!r},); got the string {ops!r}")
     known = operations()
     for op in ops:
         if op not in known:
             raise ValueError(f"unknown operation {op!r}; known: {', '.join(known)}")
-    sizes = [x.shape[0]] if batch_sizes is None else list(batch_sizes)
+    several = isinstance(x, (tuple, list))
+    inputs = tuple(x) if several else (x,)
+    if not inputs:
+        raise ValueError("x is an empty sequence; give a tensor of shape (B, *in) or a tuple of them")
+    for i, t in enumerate(inputs):
+        check_x(t, f"x[{i}]" if several else "x")  # the message autojac.jacobian would give
+    old = inputs[0].shape[0]
+    sizes = [old] if batch_sizes is None else list(batch_sizes)
     if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
         raise ValueError(f"batch_sizes must be positive ints; got {batch_sizes!r}")
     kwargs.setdefault("tune", True)
     made = []
     with config.warming():
         for batch in sizes:
-            resized = {**kwargs, **_resized_arguments(kwargs, x.shape[0], batch)}
-            sample = _resized(x, batch)
+            resized = {**kwargs, **_resized_arguments(kwargs, old, batch)}
+            resized_inputs = tuple(_resized(t, batch) for t in inputs)
+            sample: api.Inputs = resized_inputs if several else resized_inputs[0]
             for op in ops:
                 extra: dict[str, Any] = {"ops": quantities} if op == "derivatives" else {}
                 if op == "hvp" and resized.get("v") is None:  # with dims, v has one entry per chosen coordinate
                     dims = resized.get("dims")
-                    shape = sample.shape if dims is None else (batch, len(dims_values(dims)))
-                    extra["v"] = torch.randn(shape, dtype=sample.dtype, device=sample.device)
+                    first = resized_inputs[0]
+                    shape = first.shape if dims is None else (batch, len(dims_values(dims)))
+                    extra["v"] = torch.randn(shape, dtype=first.dtype, device=first.device)
                 plan = api.plan_for(op, f, sample, **resized, **extra, nearby=False)
                 default_planner().store.put(plan)  # a plan memoized before AUTOJAC_CACHE_DIR changed, too
                 made.append(plan)

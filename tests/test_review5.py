@@ -1,0 +1,35 @@
+"""Review 5: real user code against independent references (torch.func, per-sample loops)."""
+
+import pytest
+import torch
+from torch.func import jacrev, vmap
+
+import autojac
+from autojac.cache import default_store
+from autojac.planner import Planner, set_default_planner
+
+NET = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def two_inputs(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return NET(torch.cat([x, s], 1))
+
+
+def test_warm_takes_a_tuple_of_inputs_as_the_call_and_its_error_do(monkeypatch):
+    # PlanRequiredError tells a tuple-input call to run autojac.warm(f, x) with x the tuple
+    x, s = torch.randn(10, 3), torch.randn(10, 1)
+    plans = autojac.warm(two_inputs, (x, s), ops=("jacobian",), batch_sizes=[10, 40])
+    assert [p.batch_size for p in plans] == [10, 40]
+    set_default_planner(Planner(default_store()))  # a new process: the plans come from the cache
+    monkeypatch.setenv("AUTOJAC_REQUIRE_PLAN", "1")
+    for batch in (10, 40):
+        xb, sb = torch.randn(batch, 3), torch.randn(batch, 1)
+        jx, js = autojac.jacobian(two_inputs, (xb, sb))
+        rx, rs = vmap(jacrev(lambda a, b: two_inputs(a[None], b[None])[0], argnums=(0, 1)))(xb, sb)
+        torch.testing.assert_close(jx, rx, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(js, rs, atol=1e-5, rtol=1e-4)
+
+
+def test_warm_refuses_a_bad_tuple_element_by_name():
+    with pytest.raises(TypeError, match=r"x\[1\] must be a torch.Tensor"):
+        autojac.warm(two_inputs, (torch.randn(3, 3), 5))
