@@ -33,3 +33,10 @@ def test_warm_takes_a_tuple_of_inputs_as_the_call_and_its_error_do(monkeypatch):
 def test_warm_refuses_a_bad_tuple_element_by_name():
     with pytest.raises(TypeError, match=r"x\[1\] must be a torch.Tensor"):
         autojac.warm(two_inputs, (torch.randn(3, 3), 5))
+
+
+@pytest.mark.parametrize("dims", [[[0]], [(0, 1)], [], [True]])
+def test_dims_that_are_not_ints_are_refused_by_name(dims):
+    # [[0]] used to reach an lru_cache and fail with "unhashable type: 'list'"
+    with pytest.raises(TypeError, match=r"dims must be a non-empty sequence of int indices"):
+        autojac.jacobian(two_inputs, torch.randn(4, 3), args=(torch.randn(4, 1),), dims=dims)

@@ -332,7 +332,11 @@ def dims_values(dims: Any) -> tuple[Any, ...]:
     if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
         raise TypeError(f"dims must be a sequence of int indices into the flattened per-sample input; got "
                         f"{type(dims).__name__} {dims!r}. For one coordinate give [i]")
-    return tuple(int(d) if isinstance(d, np.integer) else d for d in dims)
+    values = tuple(int(d) if isinstance(d, np.integer) else d for d in dims)
+    if not values or not all(isinstance(d, int) and not isinstance(d, bool) for d in values):
+        raise TypeError(f"dims must be a non-empty sequence of int indices into the flattened per-sample input; "
+                        f"got {dims!r}. For one coordinate give [i]")
+    return values
 
 
 @functools.lru_cache(maxsize=256)
