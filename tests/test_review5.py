@@ -40,3 +40,16 @@ def test_dims_that_are_not_ints_are_refused_by_name(dims):
     # [[0]] used to reach an lru_cache and fail with "unhashable type: 'list'"
     with pytest.raises(TypeError, match=r"dims must be a non-empty sequence of int indices"):
         autojac.jacobian(two_inputs, torch.randn(4, 3), args=(torch.randn(4, 1),), dims=dims)
+
+
+def test_vmap_refusal_names_a_shared_container_of_per_sample_tensors():
+    # a dict of per-sample tensors is passed whole to every sample; the error used to give only
+    # torch's "Sizes of tensors must match", with no hint of why or what to do
+    def f(x, d):
+        return NET(torch.cat([x, d["s"]], 1))
+
+    x, s = torch.randn(6, 3), torch.randn(6, 1)
+    with pytest.raises(ValueError, match=r"args\[0\] is a dict holding tensors of the batch size 6.*arguments of their own"):
+        autojac.jacobian(f, x, args=({"s": s},), strategy="vmap_rev")
+    reference = vmap(jacrev(lambda a, b: f(a[None], {"s": b[None]})[0]))(x, s)
+    torch.testing.assert_close(autojac.jacobian(f, x, args=({"s": s},)), reference, atol=1e-5, rtol=1e-4)

@@ -232,6 +232,18 @@ def _pullback(y: Tensor, xg: Tensor, seed: Tensor) -> Tensor | None:
     return grad
 
 
+def _shared_container_hint(problem: Problem) -> str:
+    """Why vmap may have failed: a list, tuple or dict in args holding tensors of the batch size is
+    shared (in_dims takes an int or None per argument), so every sample gets all of them."""
+    for i, (a, d) in enumerate(zip(problem.args, problem.arg_dims)):
+        items = a.values() if isinstance(a, dict) else a if isinstance(a, (list, tuple)) else ()
+        if d is None and any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == problem.batch for t in items):
+            return (f". args[{i}] is a {type(a).__name__} holding tensors of the batch size {problem.batch}, which "
+                    f"every sample receives whole (in_dims gives each argument an int or None, not a structure); "
+                    f"to have them split per sample, pass those tensors as arguments of their own")
+    return ""
+
+
 def _vmap_error(f: BatchedFn, x: Tensor, y: Tensor, problem: Problem | None = None) -> str:
     """Empty if vmap over single samples works and agrees with f, else the reason."""
     try:
@@ -241,6 +253,8 @@ def _vmap_error(f: BatchedFn, x: Tensor, y: Tensor, problem: Problem | None = No
             else:
                 single = per_sample(problem.head(1).replace(x=x[:1]), lambda f_one: f_one)
     except Exception as error:  # any failure means "do not use vmap": the reason is reported
-        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+        hint = _shared_container_hint(problem) if problem is not None else ""
+        return reason.rstrip(".") + hint if hint else reason
     same, diff, _ = agree(single, y[:1])
     return "" if same else f"vmap over single samples differs from the batched call by {diff:.3g}"
