@@ -53,3 +53,17 @@ def test_vmap_refusal_names_a_shared_container_of_per_sample_tensors():
         autojac.jacobian(f, x, args=({"s": s},), strategy="vmap_rev")
     reference = vmap(jacrev(lambda a, b: f(a[None], {"s": b[None]})[0]))(x, s)
     torch.testing.assert_close(autojac.jacobian(f, x, args=({"s": s},)), reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["jacobian", "hessian", "hessian_diag", "laplacian", "divergence"])
+def test_create_graph_on_an_empty_batch_is_in_the_graph_of_the_parameters(op):
+    # a PINN term over points that a mask left empty: loss.backward() must work (zero gradients)
+    square = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    for _ in range(2):  # the second call is served as the first
+        with torch.no_grad():
+            result = getattr(autojac, op)(square, torch.randn(0, 3), create_graph=True)
+        assert result.shape[0] == 0 and result.requires_grad
+        (gradient,) = torch.autograd.grad(result.sum(), square[0].weight)
+        assert torch.equal(gradient, torch.zeros_like(gradient))
+    value = autojac.jacobian(square, torch.randn(0, 3))
+    assert not value.requires_grad

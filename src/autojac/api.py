@@ -433,11 +433,25 @@ def _check_square(out_shape: tuple[int, ...], in_shape: tuple[int, ...]) -> None
 
 def _empty(problem: Problem) -> Any:
     """An empty batch or per-sample input: nothing to differentiate, only shapes to get right."""
+    with torch.enable_grad() if problem.create_graph else contextlib.nullcontext():  # also under no_grad()
+        return _empty_result(problem)
+
+
+def _empty_result(problem: Problem) -> Any:
     x = problem.x
-    out_shape = check_output(problem.f(x.detach()), x)
+    y = problem.f(x if problem.create_graph else x.detach())
+    out_shape = check_output(y, x)
+    # create_graph=True promises a result in the graph of x and of f's parameters, also when empty:
+    # an empty slice of y's graph adds exactly zero (no NaN from an infinite entry of y)
+    anchor = y.flatten()[:0].sum() if problem.create_graph and y.requires_grad else None
+
+    def zeros(op: str) -> Tensor:
+        result = x.new_zeros(result_shape(op, x.shape[0], out_shape, problem.in_shape))
+        return result if anchor is None else result + anchor
+
     if problem.op == "derivatives":
-        return tuple(x.new_zeros(result_shape(q, x.shape[0], out_shape, problem.in_shape)) for q in problem.want)
-    return x.new_zeros(result_shape(problem.op, x.shape[0], out_shape, problem.in_shape))
+        return tuple(zeros(q) for q in problem.want)
+    return zeros(problem.op)
 
 
 def _hutchinson(f: BatchedFn, x: Tensor, args: Sequence[Any], in_dims: Any, has_aux: bool, samples: int,
