@@ -62,6 +62,10 @@ def test_random_compositions_match_autograd(recipe, seed):
         torch.testing.assert_close(reverse.meet_jacobian(f, x, cut), jacobian, **tolerance)
     hessian = loop_hessian(f, x)
     out = api.derivatives(f, x, ("value", "jacobian", "hessian"))
-    torch.testing.assert_close(out["hessian"], hessian, **tolerance)
-    torch.testing.assert_close(api.second_order("laplacian", f, x), hessian.diagonal(dim1=-2, dim2=-1).sum(-1),
-                               **tolerance)
+    laplacian = hessian.diagonal(dim1=-2, dim2=-1).sum(-1)
+    # where autograd's second derivative is NaN (a norm at exactly zero: where(x > x, ...) - x = 0),
+    # the engine's is 0 by design (docs/engine.md); compare the rest
+    finite = hessian.isfinite()
+    torch.testing.assert_close(out["hessian"][finite], hessian[finite], **tolerance)
+    torch.testing.assert_close(api.second_order("laplacian", f, x)[laplacian.isfinite()],
+                               laplacian[laplacian.isfinite()], **tolerance)
