@@ -1059,27 +1059,21 @@ def case_key_imported_module(ctx: Ctx) -> None:
 def case_sparse_coo_x(ctx: Ctx) -> None:
     std = standard()
     x = std.x.to_sparse()
-    error = ctx.expect_error(lambda: autojac.jacobian(std.model, x), ["x", "sparse"])
-    if error is None:
-        raise Finding("wrong", "a sparse x was accepted silently")
+    ctx.expect_refusal(lambda: autojac.jacobian(std.model, x), ["x", "sparse"], "a sparse x")
 
 
 @case("odd-input", "sparse CSR x: an autojac error naming x and its sparse layout")
 def case_sparse_csr_x(ctx: Ctx) -> None:
     std = standard()
     x = std.x.to_sparse_csr()
-    error = ctx.expect_error(lambda: autojac.hessian(std.model, x), ["x", "sparse"])
-    if error is None:
-        raise Finding("wrong", "a sparse x was accepted silently")
+    ctx.expect_refusal(lambda: autojac.hessian(std.model, x), ["x", "sparse"], "a sparse x")
 
 
 @case("odd-input", "meta-device x with a CPU model: an autojac error naming x and the meta device")
 def case_meta_x(ctx: Ctx) -> None:
     std = standard()
     x = torch.empty(4, 3, device="meta")
-    error = ctx.expect_error(lambda: autojac.jacobian(std.model, x), ["x", "meta"])
-    if error is None:
-        raise Finding("wrong", "a meta x was accepted silently")
+    ctx.expect_refusal(lambda: autojac.jacobian(std.model, x), ["x", "meta"], "a meta x")
 
 
 @case("odd-input", "meta-device x with a meta model (shape inference): an autojac error naming meta, or a "

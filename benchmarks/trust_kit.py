@@ -212,6 +212,12 @@ class Ctx:
             return error
         return None
 
+    def expect_refusal(self, call: Callable[[], object], words: Sequence[str], what: str) -> None:
+        """`call` must be refused with autojac's own error naming `words` (expect_error); returning
+        normally is Finding(wrong): `what` was accepted silently."""
+        if self.expect_error(call, words) is None:
+            raise Finding("wrong", f"{what} was accepted silently")
+
     def no_disagreements(self, plan: autojac.Plan) -> None:
         """Raise Finding(spurious-warning) if the plan excluded a candidate for disagreeing."""
         bad = {label: why for label, why in plan.excluded.items() if "disagree" in why}

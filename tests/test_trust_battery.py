@@ -64,3 +64,16 @@ def test_the_battery_writes_its_tables(tmp_path):
     assert sum(data["counts"].values()) == 2
     table = (tmp_path / "trust.md").read_text()
     assert "| case | group | expected | outcome | s |" in table and "batch_of_one" in table
+
+
+def test_an_input_that_must_be_refused_but_is_accepted_is_wrong(tmp_path):
+    def accepted(ctx):
+        ctx.expect_refusal(lambda: None, ["x"], "a sparse x")
+
+    def refused(ctx):
+        ctx.expect_refusal(lambda: autojac.jacobian(torch.nn.Linear(3, 2), torch.randn(4, 3).to_sparse()),
+                           ["x", "sparse"], "a sparse x")
+
+    result = _run(accepted, tmp_path)
+    assert result.outcome == "wrong" and "a sparse x was accepted silently" in result.detail
+    assert _run(refused, tmp_path).outcome == "ok"
